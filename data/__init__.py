@@ -1,0 +1,1 @@
+"""Token shards, the distributed loader, and the corpora that produce shards."""

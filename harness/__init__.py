@@ -1,0 +1,1 @@
+"""The training harness: config, model, optimizers, schedules, run log, trainer."""
