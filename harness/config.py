@@ -1,0 +1,399 @@
+"""Every knob of a run in one dataclass: presets, then environment variables, then flags.
+
+Sources, lowest to highest priority: the preset (`--preset NAME` or `PRESET=NAME`), environment
+variables named after the field in UPPER_SNAKE case (lists comma-separated), command-line flags
+`--field_name value`. Everything is validated before any work starts; a bad value raises
+UserError with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from harness.errors import UserError
+
+# Fields that live in the environment of torchrun or the shell; never read as config.
+_RESERVED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
+
+
+@dataclass
+class Config:
+    # --- identity -------------------------------------------------------------------------
+    preset: str = "tiny"
+    run_id: str = ""  # empty: derived from tag/script and the start time
+    tag: str = ""  # a human label; readers group by it (never by parsing the run id)
+    seed: int = 0
+    script: str = ""  # the entry script that ran (set by the entry point)
+    log_dir: str = "logs"
+
+    # --- data -----------------------------------------------------------------------------
+    train_files: str = "data/local/local_train_*.bin"
+    val_files: str = "data/local/local_val_*.bin"
+    val_tokens: int = 65536
+    align_bos: bool = False  # start every training sequence at a document start (BOS)
+    prepare_local_data: bool = True  # build data/local from the stdlib sources if it is missing
+
+    # --- model ----------------------------------------------------------------------------
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
+    num_layers: int = 4
+    model_dim: int = 256
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    seq_len: int = 256
+    window_size: int = 0  # sliding-window attention span in tokens; 0 = full causal
+    rope: bool = True
+    rope_base: float = 10000.0
+    qk_norm: bool = True
+    logit_softcap: float = 15.0  # 0 disables the soft-cap
+    value_embeds: bool = True
+    unet_skips: bool = True
+    compile: str = "auto"  # auto (on with CUDA) | on | off
+    dtype: str = "auto"  # activation dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+
+    # --- batch, schedule and validation ---------------------------------------------------
+    batch_sizes: list[int] = field(default_factory=lambda: [4096, 8192, 8192, 8192])
+    lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    num_scheduled_iterations: int = 90
+    num_extension_iterations: int = 10
+    cooldown_frac: float = 0.5
+    lr_decay_final: float = 0.1
+    device_batch_tokens: int = 2048  # tokens per forward pass on one rank; more means grad accumulation
+    val_loss_every: int = 25
+    val_loss_last_steps: int = 0  # in the last N steps, validate every val_loss_every_last steps
+    val_loss_every_last: int = 0
+    grad_clip: float = 0.0  # 0 = off
+
+    # --- optimizer ------------------------------------------------------------------------
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    muon_momentum_cooldown_steps: int = 50
+    muon_wd: float = 0.0
+    cautious_wd: bool = False
+    normuon: bool = True
+    normuon_beta2: float = 0.9
+    ns_method: str = "polar_express"
+    ns_steps: int = 5
+    ns_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32
+    adam_lr_embed: float = 0.3
+    adam_lr_head: float = 0.008
+    adam_lr_scalar: float = 0.04
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    adam_wd: float = 0.0
+
+    # --- ORD (train_gpt_muon_new.py) ------------------------------------------------------
+    ord: bool = False  # set by train_gpt_muon_new.py
+    spectral_lr_mul: float = 1.0
+    spectral_lr_mul_attn: float | None = None
+    spectral_lr_mul_mlp: float | None = None
+    spectral_proj_eps: float = 1e-12
+    ord_project: bool = False
+    ord_reproject: bool = False
+    ord_parallel_placement: str = "after_norm"
+
+    # --- diagnostics ----------------------------------------------------------------------
+    diag_every: int = 0  # 0 = off
+    diag_sample: int = 0  # 0 = every Muon matrix; N = a fixed random sample of N matrices
+    diag_topk: int = 8  # k of the top-k singular subspaces compared in the alignment metric
+    diag_embed_head: bool = False
+    diag_spectra: bool = False  # also write full singular-value spectra to logs/<run_id>.spectra.npz
+
+    # --- checkpoints ----------------------------------------------------------------------
+    save_every: int = 0
+    save_final: bool = False
+    keep_last: int = 2
+    checkpoint_dir: str = "checkpoints"
+    resume: str = ""  # PATH | latest
+
+    # --- derived helpers ------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def total_iterations(self) -> int:
+        return self.num_scheduled_iterations + self.num_extension_iterations
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A CPU run of a few minutes on the local corpus (Python stdlib sources).
+    "tiny": {},
+    # The 8xH100 FineWeb10B run of the ORD experiment (REFERENCE.md).
+    "speedrun": dict(
+        train_files="data/fineweb10B/fineweb_train_*.bin",
+        val_files="data/fineweb10B/fineweb_val_*.bin",
+        val_tokens=10485760,
+        prepare_local_data=False,
+        num_layers=12,
+        model_dim=768,
+        num_heads=6,
+        seq_len=2048,
+        batch_sizes=[131072, 262144, 393216, 393216],
+        lr_muls=[1.0, 1.52, 1.73, 1.0],
+        num_scheduled_iterations=1560,
+        num_extension_iterations=40,
+        cooldown_frac=0.55,
+        device_batch_tokens=16384,
+        val_loss_every=50,
+        muon_lr=0.023,
+        muon_wd=1.2,
+        cautious_wd=True,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Field typing and parsing
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type, optional) for `T`, `T | None`, `list[T]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_scalar(name: str, tp: Any, text: str, source: str) -> Any:
+    text = text.strip()
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            # accept 1e6-style and 1_000 forms when they are whole numbers
+            value = float(text.replace("_", "")) if any(c in text for c in "eE.") else int(text.replace("_", ""))
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            return value
+        if tp is float:
+            return float(text)
+        return text
+    except ValueError:
+        kind = {bool: "a boolean (1/0/true/false)", int: "an integer", float: "a number"}.get(tp, "a string")
+        raise UserError(f"{source}: {name}={text!r} is not {kind}") from None
+
+
+def parse_value(name: str, text: str, source: str) -> Any:
+    """Parse the text form of field `name` (as in env vars and flags)."""
+    types_ = _field_types()
+    if name not in types_:
+        raise UserError(f"{source}: unknown config field {name!r}")
+    tp, optional = _base_type(types_[name])
+    if optional and text.strip().lower() in ("", "none", "null"):
+        return None
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        parts = text.split(",")
+        if not text.strip() or any(not p.strip() for p in parts):
+            raise UserError(f"{source}: {name}={text!r} is not a comma-separated list of {elem.__name__} (empty item)")
+        return [_parse_scalar(name, elem, p, source) for p in parts]
+    return _parse_scalar(name, tp, text, source)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Accept python values (from presets, TOML sweeps, tests) of the right type, or their text form."""
+    if isinstance(value, str):
+        return parse_value(name, value, source)
+    tp, optional = _base_type(_field_types()[name])
+    if value is None and optional:
+        return None
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (elem,) = typing.get_args(tp)
+        return [_coerce_scalar(name, elem, v, source) for v in value]
+    return _coerce_scalar(name, tp, value, source)
+
+
+def _coerce_scalar(name: str, tp: Any, value: Any, source: str) -> Any:
+    if isinstance(value, str):
+        return _parse_scalar(name, tp, value, source)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise UserError(f"{source}: {name}={value!r} has the wrong type (expected {tp.__name__})")
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise UserError(f"config: {name}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Check every field; with world_size, also the batch arithmetic of this launch."""
+    _check(cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(sorted(PRESETS))}")
+    if cfg.run_id:
+        _check(
+            bool(RUN_ID_PATTERN.match(cfg.run_id)) and ".." not in cfg.run_id and len(cfg.run_id) <= 200,
+            "run_id",
+            cfg.run_id,
+            "letters, digits and . _ = + , @ - only (no '/', no '..'), at most 200 characters",
+        )
+    if cfg.tag:
+        _check(bool(RUN_ID_PATTERN.match(cfg.tag)) and ".." not in cfg.tag, "tag", cfg.tag,
+               "letters, digits and . _ = + , @ - only (no '/', no '..')")
+    for name in ("val_tokens", "vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio", "seq_len",
+                 "num_scheduled_iterations", "device_batch_tokens", "ns_steps", "diag_topk", "keep_last"):
+        _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "must be > 0")
+    for name in ("num_extension_iterations", "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
+                 "window_size", "diag_every", "diag_sample", "save_every", "seed"):
+        _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
+    _check(cfg.model_dim % cfg.num_heads == 0, "num_heads", cfg.num_heads,
+           f"must divide model_dim={cfg.model_dim}")
+    _check(cfg.head_dim % 2 == 0, "num_heads", cfg.num_heads, "model_dim/num_heads must be even (RoPE)")
+    _check(cfg.vocab_size <= 65536, "vocab_size", cfg.vocab_size, "at most 65536 (shards hold uint16 ids)")
+    _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
+    _check(cfg.dtype in ("auto", "bfloat16", "float32"), "dtype", cfg.dtype, "auto, bfloat16 or float32")
+    _check(cfg.ns_dtype in ("auto", "bfloat16", "float16", "float32"), "ns_dtype", cfg.ns_dtype,
+           "auto, bfloat16, float16 or float32")
+    _check(cfg.ns_method in ("polar_express", "quintic"), "ns_method", cfg.ns_method, "polar_express or quintic")
+    _check(cfg.ord_parallel_placement in ("after_norm", "before_norm"), "ord_parallel_placement",
+           cfg.ord_parallel_placement, "after_norm or before_norm")
+    n_stages = 4
+    _check(len(cfg.batch_sizes) == n_stages, "batch_sizes", cfg.batch_sizes,
+           "four values: tokens per step for the three scheduled stages and the extension")
+    _check(len(cfg.lr_muls) == n_stages, "lr_muls", cfg.lr_muls,
+           "four values: LR multiplier of the three scheduled stages and the extension")
+    _check(all(b > 0 for b in cfg.batch_sizes), "batch_sizes", cfg.batch_sizes, "every value must be > 0")
+    _check(all(b % cfg.seq_len == 0 for b in cfg.batch_sizes), "batch_sizes", cfg.batch_sizes,
+           f"every value must be a multiple of seq_len={cfg.seq_len}")
+    _check(all(math.isfinite(m) and m > 0 for m in cfg.lr_muls), "lr_muls", cfg.lr_muls,
+           "every value must be finite and > 0")
+    _check(0.0 <= cfg.cooldown_frac <= 1.0, "cooldown_frac", cfg.cooldown_frac, "must be in [0, 1]")
+    _check(math.isfinite(cfg.lr_decay_final) and cfg.lr_decay_final >= 0, "lr_decay_final", cfg.lr_decay_final,
+           "must be finite and >= 0")
+    _check(cfg.device_batch_tokens % cfg.seq_len == 0, "device_batch_tokens", cfg.device_batch_tokens,
+           f"must be a multiple of seq_len={cfg.seq_len}")
+    for name in ("muon_lr", "adam_lr_embed", "adam_lr_head", "adam_lr_scalar", "adam_eps"):
+        v = getattr(cfg, name)
+        _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
+    for name in ("muon_momentum", "muon_momentum_start", "normuon_beta2", "adam_beta1", "adam_beta2"):
+        v = getattr(cfg, name)
+        _check(0.0 <= v < 1.0, name, v, "must be in [0, 1)")
+    for name in ("muon_wd", "adam_wd", "grad_clip", "logit_softcap"):
+        v = getattr(cfg, name)
+        _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
+    for name in ("spectral_lr_mul", "spectral_lr_mul_attn", "spectral_lr_mul_mlp"):
+        v = getattr(cfg, name)
+        if v is not None:
+            _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
+    _check(math.isfinite(cfg.spectral_proj_eps) and cfg.spectral_proj_eps >= 0, "spectral_proj_eps",
+           cfg.spectral_proj_eps, "must be finite and >= 0")
+    if world_size is not None:
+        per_step = world_size * cfg.seq_len
+        for b in cfg.batch_sizes:
+            _check(b % per_step == 0, "batch_sizes", cfg.batch_sizes,
+                   f"every global batch must be divisible by world_size x seq_len = {world_size} x {cfg.seq_len}"
+                   f" = {per_step} (got {b})")
+        _check(cfg.val_tokens % per_step == 0, "val_tokens", cfg.val_tokens,
+               f"must be divisible by world_size x seq_len = {per_step}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def env_name(name: str) -> str:
+    return name.upper()
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    for name, tp in _field_types().items():
+        base, _ = _base_type(tp)
+        default_text = {}
+        if base is bool:
+            # `--flag` alone means true; `--flag 0` also works (for sweeps that pass values)
+            parser.add_argument(f"--{name}", nargs="?", const="1", default=None, metavar="0|1", **default_text)
+        else:
+            parser.add_argument(f"--{name}", default=None, metavar=name.upper())
+    return parser
+
+
+def load_config(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    prog: str | None = None,
+) -> Config:
+    """Preset <- env vars <- flags <- overrides (e.g. what an entry script fixes, like `ord`)."""
+    env = os.environ if env is None else env
+    parser = build_parser(prog)
+    args, unknown = parser.parse_known_args(list(argv) if argv is not None else None)
+    if unknown:
+        raise UserError(f"command line: unknown argument {unknown[0]!r} (see --help for the config fields)")
+    flag_values = {k: v for k, v in vars(args).items() if v is not None}
+
+    preset = flag_values.get("preset") or env.get("PRESET") or Config.preset
+    if preset not in PRESETS:
+        raise UserError(f"config: preset={preset!r} is unknown: one of {', '.join(sorted(PRESETS))}")
+    values: dict[str, Any] = {"preset": preset}
+    for name, value in PRESETS[preset].items():
+        values[name] = _coerce(name, value, f"preset {preset}")
+    for name in field_names():
+        key = env_name(name)
+        if key in _RESERVED_ENV or name == "preset":
+            continue
+        if key in env:
+            values[name] = parse_value(name, env[key], f"env {key}")
+    for name, text in flag_values.items():
+        if name != "preset":
+            values[name] = parse_value(name, text, f"flag --{name}")
+    for name, value in (overrides or {}).items():
+        if name not in field_names():
+            raise UserError(f"overrides: unknown config field {name!r}")
+        values[name] = _coerce(name, value, "overrides")
+    return validate(Config(**values))
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "config") -> Config:
+    """Rebuild a Config from its to_dict() form (checkpoints, logs); unknown keys are an error."""
+    unknown = sorted(set(d) - set(field_names()))
+    if unknown:
+        raise UserError(f"{source}: unknown config field {unknown[0]!r}")
+    return Config(**{k: _coerce(k, v, source) for k, v in d.items()})
