@@ -1,0 +1,135 @@
+"""The modded-nanogpt / llm.c token shard format.
+
+A shard is 256 little-endian int32 (1024 bytes) of header ``[MAGIC, VERSION, num_tokens, 0, ...]``
+followed by ``num_tokens`` little-endian uint16 token ids; the file size is exactly
+``1024 + 2 * num_tokens``. Every error names the file, so a bad shard in a directory of a
+hundred is found at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import UserError
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+HOW_TO_MAKE_SHARDS = (
+    "create shards with `python -m data.prepare_corpus` (local text, offline) "
+    "or `python data/cached_fineweb10B.py N` (FineWeb, N train shards)"
+)
+
+
+def write_shard(path: str | os.PathLike, tokens) -> int:
+    """Write ``tokens`` (ints in [0, 65535]) as a shard at ``path``, atomically. Returns num_tokens."""
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(f"{path}: tokens must be integers, got dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            bad = lo if lo < 0 else hi
+            raise UserError(f"{path}: token id {bad} does not fit in uint16 (allowed 0..65535)")
+    if arr.size >= 2**31:
+        raise UserError(f"{path}: {arr.size} tokens do not fit in one shard (int32 header)")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, arr.size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return int(arr.size)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate the shard at ``path`` (magic, version, size) and return its number of tokens."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise UserError(f"{path}: shard not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a shard file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if len(raw) < HEADER_BYTES:
+        raise UserError(
+            f"{path}: truncated: file has {size} bytes, fewer than the {HEADER_BYTES}-byte header"
+        )
+    header = np.frombuffer(raw, dtype="<i4")
+    magic, version, num_tokens = int(header[0]), int(header[1]), int(header[2])
+    if magic != MAGIC:
+        raise UserError(f"{path}: bad magic {magic} (expected {MAGIC}); not a token shard")
+    if version != VERSION:
+        raise UserError(f"{path}: unsupported version {version} (expected {VERSION})")
+    if num_tokens < 0:
+        raise UserError(f"{path}: header says {num_tokens} tokens (must be >= 0)")
+    expected = HEADER_BYTES + 2 * num_tokens
+    if size != expected:
+        what = "truncated" if size < expected else "wrong size"
+        raise UserError(
+            f"{path}: {what}: header says {num_tokens} tokens ({expected} bytes) "
+            f"but file has {size} bytes"
+        )
+    return num_tokens
+
+
+def open_shard(path: str | os.PathLike) -> np.memmap:
+    """Validated, read-only uint16 memmap of the shard's tokens (no bytes are read up front)."""
+    num_tokens = read_header(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)  # mmap cannot map zero bytes
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def check_vocab(tokens, vocab_size: int, path: str | os.PathLike) -> None:
+    """UserError naming ``path`` if any token id is >= vocab_size."""
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    hi = int(arr.max())
+    if hi >= vocab_size:
+        raise UserError(
+            f"{path}: token id {hi} >= vocab_size {vocab_size}; the shard was made with "
+            "another tokenizer or the model's vocab_size is too small"
+        )
+
+
+def find_shards(pattern_or_dir: str | os.PathLike) -> list[Path]:
+    """Sorted shard paths: every ``*.bin`` of a directory, or the files matching a glob pattern."""
+    spec = str(pattern_or_dir)
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(q for q in p.glob("*.bin") if q.is_file())
+        if not files:
+            raise UserError(f"{p}: data directory has no .bin shards; {HOW_TO_MAKE_SHARDS}")
+        return files
+    if glob.has_magic(spec):
+        files = sorted(Path(q) for q in glob.glob(spec) if Path(q).is_file())
+        if not files:
+            raise UserError(f"no shards match {spec!r}; {HOW_TO_MAKE_SHARDS}")
+        return files
+    if p.is_file():
+        return [p]
+    raise UserError(f"{spec}: no such shard file or data directory; {HOW_TO_MAKE_SHARDS}")
