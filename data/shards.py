@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,12 @@ HOW_TO_MAKE_SHARDS = (
     "create shards with `python -m data.prepare_corpus` (local text, offline) "
     "or `python data/cached_fineweb10B.py N` (FineWeb, N train shards)"
 )
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden temp name next to ``path`` (same filesystem, so os.replace is atomic).
+    Opened with mode "x" it gets the usual umask permissions, unlike mkstemp's 0600."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_shard(path: str | os.PathLike, tokens) -> int:
@@ -47,9 +53,9 @@ def write_shard(path: str | os.PathLike, tokens) -> int:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path_for(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(header.tobytes())
             f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
         os.replace(tmp, path)
