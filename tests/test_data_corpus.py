@@ -116,7 +116,7 @@ def test_val_tokens_and_max_files(tmp_path):
     _make_corpus(src)
     r = prepare_corpus([src], tmp_path / "o", val_tokens=50, max_files=6, progress=False)
     assert r["files"] == 6 and r["val_tokens_written"] >= 50
-    assert r["train_documents"] + r["val_documents"] == 6
+    assert r["train_documents"] + r["val_documents"] == r["documents"] == 6 - r["empty_files"]
 
 
 def test_split_takes_just_enough_documents():
