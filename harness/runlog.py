@@ -151,6 +151,7 @@ class RunLog:
     status_fields: dict[str, float | str] = field(default_factory=dict)
     garbage_lines: int = 0  # lines after the header that matched nothing we know and are not printable text
     partial_tail: bool = False  # the file ends in the middle of a line
+    partial_line: str = ""  # that unterminated last line (shown by the monitor, never parsed)
     bytes_read: int = 0
 
     @property
@@ -209,6 +210,7 @@ class LogParser:
         for line in lines:
             self._line(line.rstrip("\r"))
         self.log.partial_tail = bool(self._pending)
+        self.log.partial_line = self._pending[:200]
 
     def _line(self, line: str) -> None:
         self._line_no += 1
@@ -302,16 +304,21 @@ def read_log(path: str | os.PathLike) -> RunLog:
 
 class LogFollower:
     """Reads a growing log incrementally: each refresh() reads only the bytes appended since
-    the last one. A file that shrank (truncated) or was replaced (new inode) is re-read from the
-    start."""
+    the last one. A file that shrank (truncated), was replaced (new inode) or was rewritten in
+    place (the last bytes already read changed) is re-read from the start."""
+
+    CHECK_BYTES = 32  # bytes before the offset re-read on each refresh to detect a rewrite
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self.offset = 0
         self._inode: int | None = None
+        self._mtime_ns: int | None = None
+        self._check = b""  # the last CHECK_BYTES bytes read, as they were
         self._parser = LogParser(self.path)
         self._decoder_tail = b""
         self.last_write: float | None = None  # mtime of the file at the last refresh
+        self.resets = 0  # how many times the file was re-read from the start
 
     @property
     def log(self) -> RunLog:
@@ -319,8 +326,10 @@ class LogFollower:
 
     def _reset(self) -> None:
         self.offset = 0
+        self._check = b""
         self._parser = LogParser(self.path)
         self._decoder_tail = b""
+        self.resets += 1
 
     def refresh(self) -> bool:
         """Read what was appended. Returns True when anything new was read (or the file was reset)."""
@@ -331,14 +340,27 @@ class LogFollower:
         reset = self._inode is not None and (st.st_ino != self._inode or st.st_size < self.offset)
         if reset:
             self._reset()
+        unchanged = st.st_size == self.offset and st.st_mtime_ns == self._mtime_ns
         self._inode = st.st_ino
+        self._mtime_ns = st.st_mtime_ns
         self.last_write = st.st_mtime
-        if st.st_size == self.offset:
+        if unchanged:
             return reset
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
+            # re-read the last bytes we already have: if they changed, the file was rewritten
+            f.seek(self.offset - len(self._check))
             data = f.read()
+            if not data.startswith(self._check):
+                self._reset()
+                reset = True
+                f.seek(0)
+                data = f.read()
+            else:
+                data = data[len(self._check):]
+        if not data:
+            return reset
         self.offset += len(data)
+        self._check = (self._check + data)[-self.CHECK_BYTES:]
         data = self._decoder_tail + data
         # keep an incomplete UTF-8 sequence for the next read instead of mangling it
         cut = len(data)

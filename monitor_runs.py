@@ -1,0 +1,270 @@
+"""A live table of training runs from their text logs (ours and modded-nanogpt's).
+
+    python monitor_runs.py                       # the runs in logs/, once
+    python monitor_runs.py logs/ --watch 5       # refresh in place every 5 s until all runs end
+    python monitor_runs.py --sweep lr1 --watch 10
+    python monitor_runs.py --once --format json  # for scripts (also csv)
+
+One row per run: status, progress, last train loss, last and best val loss, step_avg, elapsed
+training time, ETA; then the groups (by tag) compared at a common step. Each refresh reads only
+what was appended to each log since the last one.
+
+Status: the log's status line (finished, diverged, failed, preempted, interrupted); otherwise a
+non-finite loss is diverged, a validation at the last step is finished, and a log not written
+for longer than max(--stale-min, --stale-factor x step_avg) (60 s, 10x) is stale.
+`--watch` exits by itself once no run is running (stale counts as ended); Ctrl-C exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness.errors import UserError
+from harness.runs import (
+    ENDED,
+    STALE_FACTOR,
+    STALE_MIN_S,
+    ComparisonRow,
+    RunSummary,
+    RunTracker,
+    compare_at_common_step,
+    load_sweep,
+    summarize_followers,
+)
+
+STATUS_STYLE = {
+    "running": "bold green",
+    "finished": "blue",
+    "failed": "bold red",
+    "diverged": "bold magenta",
+    "stale": "yellow",
+    "preempted": "yellow",
+    "interrupted": "yellow",
+}
+
+CSV_FIELDS = [
+    "run_id", "tag", "status", "step", "total", "progress", "train_loss", "val_loss", "val_step",
+    "best_val_loss", "best_val_step", "final_val_loss", "step_avg_ms", "elapsed_s", "eta_s",
+    "last_write", "seed", "script", "path", "notes",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}ms"
+
+
+class Monitor:
+    """The state of one monitor session: the followed logs and what to show."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        filter_text: str | None = None,
+        sweep: str | None = None,
+        stale_min_s: float = STALE_MIN_S,
+        stale_factor: float = STALE_FACTOR,
+    ):
+        self.tracker = RunTracker(paths)
+        self.filter_text = filter_text
+        self.stale_min_s = stale_min_s
+        self.stale_factor = stale_factor
+        self.sweep_id = sweep
+        self.sweep_dir = next((p for p in paths if Path(p).is_dir()), "logs")
+        self.sweep_runs = load_sweep(self.sweep_dir, sweep) if sweep else None
+
+    def refresh(self) -> tuple[list[RunSummary], list[ComparisonRow]]:
+        if self.sweep_id:  # the launcher rewrites its manifest as runs are queued
+            self.sweep_runs = load_sweep(self.sweep_dir, self.sweep_id)
+        followers = self.tracker.refresh()
+        summaries = summarize_followers(
+            followers,
+            stale_min_s=self.stale_min_s,
+            stale_factor=self.stale_factor,
+            filter_text=self.filter_text,
+            sweep_runs=self.sweep_runs,
+        )
+        shown = {s.path for s in summaries if s.status in ("finished", "running")}
+        compared = [f.log for f in followers if f.path in shown]
+        return summaries, compare_at_common_step(compared, "tag")
+
+
+def all_ended(summaries: Sequence[RunSummary]) -> bool:
+    return bool(summaries) and all(s.status in ENDED for s in summaries)
+
+
+def to_json(summaries: Sequence[RunSummary], comparison: Sequence[ComparisonRow]) -> str:
+    return json.dumps(
+        {
+            "runs": [s.to_dict() for s in summaries],
+            "comparison": [vars(c) for c in comparison],
+        },
+        indent=2,
+    )
+
+
+def to_csv(summaries: Sequence[RunSummary]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for s in summaries:
+        d = s.to_dict()
+        d["notes"] = "; ".join(s.notes)
+        w.writerow(d)
+    return buf.getvalue()
+
+
+def render(summaries: Sequence[RunSummary], comparison: Sequence[ComparisonRow], title: str = ""):
+    """A rich renderable: the run table and the comparison by tag."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title or None, expand=False, header_style="bold")
+    show_tag = any(s.tag for s in summaries)
+    columns = [("run", "left"), ("tag", "left"), ("status", "left"), ("step", "right"), ("progress", "left"),
+               ("train", "right"), ("val", "right"), ("best val", "right"), ("step_avg", "right"),
+               ("elapsed", "right"), ("ETA", "right"), ("notes", "left")]
+    if not show_tag:
+        columns.pop(1)
+    for name, just in columns:
+        # numbers never wrap or shrink; long run ids fold, notes wrap
+        table.add_column(name, justify=just, no_wrap=name not in ("run", "notes"),
+                         overflow="fold" if name == "run" else "ellipsis",
+                         min_width=len(name) if name not in ("run", "notes") else None)
+    for s in summaries:
+        step = "-" if s.step is None else f"{s.step}/{s.total}"
+        if s.progress is not None:
+            bar: Any = Table.grid(padding=(0, 1))
+            bar.add_row(ProgressBar(total=1.0, completed=s.progress, width=12), f"{100 * s.progress:3.0f}%")
+        else:
+            bar = Text("-")
+        best = fmt_loss(s.best_val_loss) + (f" @{s.best_val_step}" if s.best_val_step is not None else "")
+        cells = [
+            s.run_id, s.tag or "-", Text(s.status, style=STATUS_STYLE.get(s.status, "")), step, bar,
+            fmt_loss(s.train_loss), fmt_loss(s.val_loss), best, fmt_ms(s.step_avg_ms),
+            fmt_duration(s.elapsed_s), fmt_duration(s.eta_s),
+            Text("; ".join(s.notes), style="red" if s.garbage_lines or s.partial_line else ""),
+        ]
+        if not show_tag:
+            cells.pop(1)
+        table.add_row(*cells)
+    if not summaries:
+        table.add_row("(no runs)", *[""] * (len(columns) - 1))
+    parts: list[Any] = [table]
+    if comparison:
+        comp = Table(title=f"finished and running runs by tag, at step {comparison[0].step}", header_style="bold")
+        for name in ("tag", "runs", "val loss", "Δ best"):
+            comp.add_column(name, justify="left" if name == "tag" else "right")
+        for c in comparison:
+            comp.add_row(c.group, str(c.n), f"{c.val_loss:.4f}", "best" if c.delta == 0 else f"+{c.delta:.4f}")
+        parts.append(comp)
+    return Group(*parts)
+
+
+# ------------------------------------------------------------------------------------------
+# Entry
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", default=["logs"], help="log files or directories (default: logs/)")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh in place every SECONDS until all runs end")
+    p.add_argument("--once", action="store_true", help="print once and exit (the default without --watch)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--filter", metavar="TEXT", help="only runs whose id, tag or file name contains TEXT")
+    p.add_argument("--sweep", metavar="ID", help="only the runs of the sweep manifest <log dir>/sweeps/ID.json")
+    p.add_argument("--stale-min", type=float, default=STALE_MIN_S, metavar="SECONDS",
+                   help=f"a run with no status line is stale after max(this, factor x step_avg) without a write (default {STALE_MIN_S:g})")
+    p.add_argument("--stale-factor", type=float, default=STALE_FACTOR, help=f"(default {STALE_FACTOR:g})")
+    args = p.parse_args(argv)
+    if args.watch is not None and (args.once or args.format != "table"):
+        raise UserError("--watch shows the live table; --once/--format json|csv print once (choose one)")
+    if args.watch is not None and not args.watch > 0:
+        raise UserError(f"--watch {args.watch}: the refresh interval must be > 0 seconds")
+    if args.stale_min < 0 or args.stale_factor < 0:
+        raise UserError("--stale-min and --stale-factor must be >= 0")
+    return args
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and not console.is_jupyter:
+        # piped or redirected: rich would fold the table to 80 columns
+        console = Console(width=max(console.width, 180))
+    return console
+
+
+def print_once(mon: Monitor, fmt: str) -> None:
+    summaries, comparison = mon.refresh()
+    if fmt == "json":
+        sys.stdout.write(to_json(summaries, comparison) + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(to_csv(summaries))
+    else:
+        _console().print(render(summaries, comparison))
+
+
+def watch(mon: Monitor, interval: float) -> None:
+    from rich.live import Live
+
+    console = _console()
+    summaries, comparison = mon.refresh()
+    title = lambda: f"runs in {', '.join(map(str, mon.tracker.paths))} - {time.strftime('%H:%M:%S')} - every {interval:g}s, Ctrl-C to quit"
+    with Live(render(summaries, comparison, title()), console=console, auto_refresh=False, transient=False) as live:
+        while not all_ended(summaries):
+            time.sleep(interval)
+            summaries, comparison = mon.refresh()
+            live.update(render(summaries, comparison, title()), refresh=True)
+    console.print("all runs have ended")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    mon = Monitor(args.paths, filter_text=args.filter, sweep=args.sweep,
+                  stale_min_s=args.stale_min, stale_factor=args.stale_factor)
+    if args.watch is None:
+        print_once(mon, args.format)
+    else:
+        watch(mon, args.watch)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `monitor_runs.py --format csv | head`
+        sys.exit(0)
