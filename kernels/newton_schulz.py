@@ -159,6 +159,8 @@ def orthogonalize(
         allowed = ", ".join(str(d) for d in _WORKING_DTYPES)
         raise UserError(f"orthogonalize: dtype {dtype} is not a working dtype; allowed: {allowed}")
     backend = resolve_backend(backend, G.device)
+    if backend == "triton" and dtype == torch.float64:
+        raise UserError("orthogonalize: the triton backend works in float32, bfloat16 or float16 (got float64)")
     if G.numel() == 0:
         return G.clone()
 
