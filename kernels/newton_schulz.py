@@ -94,10 +94,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def normalize(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """G / (||G||_F (1 + 2e-2) + 1e-6) per matrix, the norm taken in float32, cast to `dtype`."""
-    G32 = G.float()
-    norm = torch.linalg.matrix_norm(G32, ord="fro", keepdim=True)
-    return (G32 / (norm * (1 + NORM_SAFETY) + NORM_EPS)).to(dtype)
+    """G / (||G||_F (1 + 2e-2) + 1e-6) per matrix, computed in at least float32, cast to `dtype`."""
+    Gw = G.to(torch.promote_types(torch.promote_types(G.dtype, dtype), torch.float32))
+    norm = torch.linalg.matrix_norm(Gw, ord="fro", keepdim=True)
+    return (Gw / (norm * (1 + NORM_SAFETY) + NORM_EPS)).to(dtype)
 
 
 def _iterate_torch(X: torch.Tensor, coeffs: list[tuple[float, float, float]]) -> torch.Tensor:
