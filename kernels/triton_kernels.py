@@ -130,12 +130,13 @@ if HAVE_TRITON:
             add_ptrs = Add_ptr + batch * stride_ab + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an
             add = tl.load(add_ptrs, mask=c_mask, other=0.0).to(tl.float32)
             acc += beta * add
-        if UPCAST and C_ptr.dtype.element_ty == tl.bfloat16:
-            # the interpreter casts float32 -> bfloat16 by truncation; round to nearest even
-            # first (as the GPU's cast does) so interpreted results carry the GPU's rounding
-            bits = acc.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            acc = bits.to(tl.float32, bitcast=True)
+        if UPCAST:  # constexpr: compiled only under the interpreter
+            if C_ptr.dtype.element_ty == tl.bfloat16:
+                # the interpreter casts float32 -> bfloat16 by truncation; round to nearest even
+                # first (as the GPU's cast does) so interpreted results carry the GPU's rounding
+                bits = acc.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                acc = bits.to(tl.float32, bitcast=True)
         out = acc.to(C_ptr.dtype.element_ty)
 
         c_base = C_ptr + batch * stride_cb
