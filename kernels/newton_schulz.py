@@ -128,6 +128,7 @@ def _iterate_triton(X: torch.Tensor, coeffs: list[tuple[float, float, float]]) -
     return X
 
 
+@torch.no_grad()
 def orthogonalize(
     G: torch.Tensor,
     method: str = "polar_express",
@@ -146,7 +147,8 @@ def orthogonalize(
         torch otherwise. Triton on a CPU tensor runs only under TRITON_INTERPRET=1.
 
     Tall matrices are transposed so the Gram matrix is the small side; each matrix of a batch is
-    normalized by its own Frobenius norm. Returns a tensor of G's shape and dtype.
+    normalized by its own Frobenius norm. Returns a tensor of G's shape and dtype. Runs under
+    no_grad (an optimizer step, not a differentiable op).
     """
     coeffs = ns_coefficients(method, steps)
     if not isinstance(G, torch.Tensor) or G.ndim not in (2, 3):
@@ -158,6 +160,8 @@ def orthogonalize(
     if dtype not in _WORKING_DTYPES:
         allowed = ", ".join(str(d) for d in _WORKING_DTYPES)
         raise UserError(f"orthogonalize: dtype {dtype} is not a working dtype; allowed: {allowed}")
+    if backend is None and not os.environ.get(BACKEND_ENV, "").strip() and dtype == torch.float64:
+        backend = "torch"  # the kernels have no float64; only an explicit request for triton is an error
     backend = resolve_backend(backend, G.device)
     if backend == "triton" and dtype == torch.float64:
         raise UserError("orthogonalize: the triton backend works in float32, bfloat16 or float16 (got float64)")

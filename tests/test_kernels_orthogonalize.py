@@ -156,3 +156,9 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("MUON_NS_BACKEND", "fast")
     with pytest.raises(UserError, match="MUON_NS_BACKEND='fast' is not a backend"):
         orthogonalize(G)
+
+
+def test_runs_on_tensors_that_require_grad():
+    G = torch.randn(8, 12, requires_grad=True)
+    O = orthogonalize(G)
+    assert O.shape == (8, 12) and not O.requires_grad

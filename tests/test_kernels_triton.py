@@ -189,11 +189,16 @@ def test_cuda_orthogonalize_triton_equals_torch(method, shape):
 
     torch.manual_seed(0)
     G = torch.randn(*shape, device="cuda")
-    for dtype, tol in [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)]:
-        O_tr = orthogonalize(G, method=method, dtype=dtype, backend="triton")
-        O_to = orthogonalize(G, method=method, dtype=dtype, backend="torch")
-        assert O_tr.shape == G.shape and O_tr.dtype == G.dtype
-        assert ((O_tr - O_to).norm() / O_to.norm()).item() < tol
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    O_32 = orthogonalize(G, method=method, dtype=torch.float32, backend="torch")
+    O_tr = orthogonalize(G, method=method, dtype=torch.float32, backend="triton")
+    assert O_tr.shape == G.shape and O_tr.dtype == G.dtype
+    assert rel(O_tr, O_32) < 1e-3
+    # bfloat16: the Triton path is as far from float32 as torch's own bf16 path, not further
+    O_tr = orthogonalize(G, method=method, dtype=torch.bfloat16, backend="triton")
+    O_to = orthogonalize(G, method=method, dtype=torch.bfloat16, backend="torch")
+    assert O_tr.dtype == G.dtype
+    assert rel(O_tr, O_32) < 1.5 * rel(O_to, O_32) + 0.01
 
 
 COMPILE_SCRIPT = r'''
