@@ -87,46 +87,56 @@ class DistributedTokenLoader:
         self.vocab_size, self.align_bos, self.bos_id = int(vocab_size), bool(align_bos), int(bos_id)
         self.device = torch.device(device)
         self._shard_index, self._pos = 0, 0  # where the next batch handed out starts
-        self._open: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # at most current + next shard
+        self._open: dict[int, tuple] = {}  # at most the current and the next shard
         self._checked: set[int] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="token-prefetch") if prefetch else None
         self._pending: tuple[int, int, int, Future] | None = None  # (tokens, shard, pos, future)
 
     # ---- shards -----------------------------------------------------------------------------
-    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(tokens memmap, BOS positions or None) of shard i; vocabulary checked on first open."""
+    def _shard(self, i: int):
+        """(tokens memmap, BOS positions, BOS successors) of shard i; vocabulary checked on first open.
+
+        With align_bos, ``succ[j]`` is the index of the first BOS at or after ``bos[j] + seq_len``
+        (len(bos) if none): the start of the window after one starting at ``bos[j]``. It is
+        computed once per shard, so placing a batch's windows is a short chain of list lookups.
+        """
         with self._lock:
             if i not in self._open:
-                tokens = open_shard(self.files[i])
+                # a plain ndarray view of the memmap: slicing it skips np.memmap's per-slice bookkeeping
+                tokens = open_shard(self.files[i]).view(np.ndarray)
                 if i not in self._checked:
                     check_vocab(tokens, self.vocab_size, self.files[i])
                     self._checked.add(i)
-                bos = np.flatnonzero(tokens == self.bos_id) if self.align_bos else None
+                bos = succ = None
+                if self.align_bos:
+                    bos = np.flatnonzero(tokens == self.bos_id)
+                    succ = np.searchsorted(bos, bos + self.seq_len).tolist()
                 for j in list(self._open):
                     if j != self._shard_index:
                         del self._open[j]
-                self._open[i] = (tokens, bos)
+                self._open[i] = (tokens, bos, succ)
             return self._open[i]
 
     # ---- window placement -------------------------------------------------------------------
     def _starts(self, i: int, pos: int, n: int) -> np.ndarray | None:
         """Start of each of the n windows of a batch beginning at ``pos`` in shard i, or None if
         the shard's rest cannot hold them."""
-        tokens, bos = self._shard(i)
+        tokens, bos, succ = self._shard(i)
         L = self.seq_len
         if not self.align_bos:
             if pos + n * L + 1 > len(tokens):
                 return None
             return pos + L * np.arange(n, dtype=np.int64)
-        starts = np.empty(n, dtype=np.int64)
-        search = pos
+        j, nb, chain = int(np.searchsorted(bos, pos)), len(bos), [0] * n
         for k in range(n):
-            j = np.searchsorted(bos, search)
-            if j == len(bos) or bos[j] + L + 1 > len(tokens):
+            if j >= nb:
                 return None
-            starts[k] = bos[j]
-            search = bos[j] + L
+            chain[k] = j
+            j = succ[j]
+        starts = bos[chain]
+        if starts[-1] + L + 1 > len(tokens):  # starts increase: only the last window can overrun
+            return None
         return starts
 
     def _locate(self, shard: int, pos: int, n: int) -> tuple[int, np.ndarray]:
@@ -135,7 +145,7 @@ class DistributedTokenLoader:
             shard, pos = (shard + 1) % len(self.files), 0
             starts = self._starts(shard, 0, n)
         if starts is None:  # a whole shard cannot hold one batch
-            tokens, bos = self._shard(shard)
+            tokens, bos, _ = self._shard(shard)
             need = f"{n} windows of {self.seq_len + 1} tokens" + (" each starting at a BOS token" if self.align_bos else "")
             extra = f" and {len(bos)} BOS tokens (id {self.bos_id})" if self.align_bos else ""
             raise UserError(
@@ -149,7 +159,7 @@ class DistributedTokenLoader:
         n = tokens_per_batch // self.seq_len
         per_rank = n // self.world_size
         shard, starts = self._locate(shard, pos, n)
-        tokens, _ = self._shard(shard)
+        tokens = self._shard(shard)[0]
         L = self.seq_len
         first = self.rank * per_rank
         if not self.align_bos:
@@ -157,10 +167,20 @@ class DistributedTokenLoader:
             a = int(starts[first])
             t = _to_device(tokens[a : a + per_rank * L + 1], self.device)
             inputs, targets = t[:-1].view(per_rank, L), t[1:].view(per_rank, L)
-        else:
-            mine = starts[first : first + per_rank]
-            t = _to_device(np.stack([tokens[s : s + L + 1] for s in mine]), self.device)
+        elif self.device.type == "cuda":
+            # gather the windows into pinned memory, one H2D copy, split on the GPU
+            host = torch.empty((per_rank, L + 1), dtype=torch.int64, pin_memory=True)
+            h = host.numpy()
+            for k, s in enumerate(starts[first : first + per_rank].tolist()):
+                h[k] = tokens[s : s + L + 1]
+            t = host.to(self.device, non_blocking=True)
             inputs, targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        else:
+            x, y = np.empty((per_rank, L), dtype=np.int64), np.empty((per_rank, L), dtype=np.int64)
+            for k, s in enumerate(starts[first : first + per_rank].tolist()):
+                x[k] = tokens[s : s + L]
+                y[k] = tokens[s + 1 : s + L + 1]
+            inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
         return inputs, targets, shard, int(starts[-1]) + L
 
     # ---- public API ---------------------------------------------------------------------------
