@@ -265,3 +265,19 @@ def test_torchrun_gloo_two_ranks_match_one(tmp_path):
         rows.append(torch.cat([per_rank[0, k : k + h], per_rank[1, k : k + h]]))
         k += h
     assert torch.equal(torch.cat(rows), torch.cat(ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("align_bos", [False, True])
+def test_cuda_matches_cpu(tmp_path, align_bos):
+    """CPU twin: test_same_tokens_whatever_world_size. Pinned memory + non_blocking copy path."""
+    paths, _ = _synthetic_shards(tmp_path, [700, 900])
+    kw = dict(seq_len=16, rank=1, world_size=2, vocab_size=VOCAB, align_bos=align_bos)
+    cpu, gpu = DistributedTokenLoader(paths, **kw), DistributedTokenLoader(paths, device="cuda", **kw)
+    for T in SIZES:
+        (xc, yc), (xg, yg) = cpu.next_batch(T), gpu.next_batch(T)
+        assert xg.is_cuda and yg.is_cuda and xg.is_contiguous() and yg.is_contiguous()
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+    vx = [x for x, _ in val_batches(paths, val_tokens=256, seq_len=16, rank=0, world_size=2, batch_tokens=128,
+                                    vocab_size=VOCAB, device="cuda")]
+    assert all(x.is_cuda for x in vx)
