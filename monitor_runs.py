@@ -234,16 +234,31 @@ def print_once(mon: Monitor, fmt: str) -> None:
 
 
 def watch(mon: Monitor, interval: float) -> None:
+    """Refresh in place on a terminal (rich Live); piped or redirected, print the table again
+    whenever a run changed. Returns once no run is running."""
     from rich.live import Live
 
     console = _console()
     summaries, comparison = mon.refresh()
     title = lambda: f"runs in {', '.join(map(str, mon.tracker.paths))} - {time.strftime('%H:%M:%S')} - every {interval:g}s, Ctrl-C to quit"
-    with Live(render(summaries, comparison, title()), console=console, auto_refresh=False, transient=False) as live:
-        while not all_ended(summaries):
+    if console.is_terminal:
+        with Live(render(summaries, comparison, title()), console=console, auto_refresh=False, transient=False) as live:
+            while not all_ended(summaries):
+                time.sleep(interval)
+                summaries, comparison = mon.refresh()
+                live.update(render(summaries, comparison, title()), refresh=True)
+    else:
+        shown = None
+        while True:
+            state = [(s.run_id, s.status, s.step, s.val_loss, s.notes) for s in summaries]
+            if state != shown:
+                console.print(render(summaries, comparison, title()))
+                console.file.flush()
+                shown = state
+            if all_ended(summaries):
+                break
             time.sleep(interval)
             summaries, comparison = mon.refresh()
-            live.update(render(summaries, comparison, title()), refresh=True)
     console.print("all runs have ended")
 
 
