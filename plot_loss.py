@@ -284,7 +284,7 @@ def plot_val_loss(
         pad = max(0.05 * (hi - lo), 0.002)
         ax_zoom.set_ylim(lo - pad, hi + pad)
     ax_zoom.set_xlim(x_lo, x_end + 0.01 * max(x_end, 1e-9))
-    ax_zoom.set_title(f"final part ({'last %d steps' % last if last is not None else 'last quarter'})")
+    ax_zoom.set_title(f"final part ({'last %d steps' % last if last is not None else 'last quarter of each run'})")
     for ax in (ax_full, ax_zoom):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss")
@@ -314,11 +314,21 @@ def plot_schedules(runs: Sequence[RunLog], group_by: str = "tag", out_dir: str |
     fig = Figure(figsize=(6.5 * len(keys), 4.2))
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, key in zip(axes, keys):
+        # groups that share a schedule (the usual case in a sweep) get one line with all their names
+        drawn: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
         for name in sorted(groups):
             run = next((r for r in groups[name] if _series(r, key)[0].size), None)
-            if run is not None:
-                s, v = _series(run, key)
-                ax.plot(s, v, color=colors[name], lw=1.5, label=name, drawstyle="steps-post")
+            if run is None:
+                continue
+            s, v = _series(run, key)
+            same = next((d for d in drawn if d[0].shape == s.shape and np.array_equal(d[0], s) and np.array_equal(d[1], v)), None)
+            if same is not None:
+                same[2].append(name)
+            else:
+                drawn.append((s, v, [name]))
+        for s, v, names in drawn:
+            label = ", ".join(names) if len(names) <= 4 else f"{names[0]} and {len(names) - 1} more"
+            ax.plot(s, v, color=colors[names[0]], lw=1.5, label=label, drawstyle="steps-post")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.set_title({"lr_mul": "LR multiplier", "batch_size": "batch size (tokens)"}[key])
@@ -457,6 +467,8 @@ def make_report(
     if not runs:
         raise UserError("no run logs to plot")
     check_group_by(runs, group_by)
+    baseline = resolve_baseline(runs, group_by, baseline)  # a bad --baseline fails before any drawing
+    baseline = baseline or "none"
     files: list[Path] = []
     skipped: list[str] = []
     for axis in ([x] if x else ["step", "time"]):

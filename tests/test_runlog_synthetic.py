@@ -79,7 +79,7 @@ def write_run(
                     w.diag(s, layer, rho=0.001 * (i + 1) * (1 + s / total), spectral_frac=0.02 * (i + 1) + 0.001 * s,
                            update_norm=1.0, cos_update_w=0.01)
                 if eff_rank_diag:
-                    w.diag(s, layer, eff_rank=200.0 - 30 * i - s, eff_rank_ns=240.0 - i, top1=0.1)
+                    w.diag(s, layer, eff_rank=200.0 - 30 * i - 100 * s / total, eff_rank_ns=240.0 - i, top1=0.1)
     if status == "finished":
         w.status("finished", final_val_loss=vals[total], step=total)
     elif status == "diverged":
