@@ -39,9 +39,8 @@ class Config:
     # --- data -----------------------------------------------------------------------------
     train_files: str = "data/local/local_train_*.bin"
     val_files: str = "data/local/local_val_*.bin"
-    val_tokens: int = 65536
+    val_tokens: int = 32768
     align_bos: bool = False  # start every training sequence at a document start (BOS)
-    prepare_local_data: bool = True  # build data/local from the stdlib sources if it is missing
 
     # --- model ----------------------------------------------------------------------------
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
@@ -55,20 +54,20 @@ class Config:
     rope_base: float = 10000.0
     qk_norm: bool = True
     logit_softcap: float = 15.0  # 0 disables the soft-cap
-    value_embeds: bool = True
+    value_embeds: bool = False  # three vocabulary-sized tables: off in the CPU preset for speed
     unet_skips: bool = True
     compile: str = "auto"  # auto (on with CUDA) | on | off
     dtype: str = "auto"  # activation dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
 
     # --- batch, schedule and validation ---------------------------------------------------
-    batch_sizes: list[int] = field(default_factory=lambda: [4096, 8192, 8192, 8192])
+    batch_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 4096, 4096])
     lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
-    num_scheduled_iterations: int = 90
-    num_extension_iterations: int = 10
+    num_scheduled_iterations: int = 60
+    num_extension_iterations: int = 6
     cooldown_frac: float = 0.5
     lr_decay_final: float = 0.1
     device_batch_tokens: int = 2048  # tokens per forward pass on one rank; more means grad accumulation
-    val_loss_every: int = 25
+    val_loss_every: int = 20
     val_loss_last_steps: int = 0  # in the last N steps, validate every val_loss_every_last steps
     val_loss_every_last: int = 0
     grad_clip: float = 0.0  # 0 = off
@@ -139,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_files="data/fineweb10B/fineweb_train_*.bin",
         val_files="data/fineweb10B/fineweb_val_*.bin",
         val_tokens=10485760,
-        prepare_local_data=False,
+        value_embeds=True,
         num_layers=12,
         model_dim=768,
         num_heads=6,

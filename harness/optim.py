@@ -1,0 +1,383 @@
+"""The optimizers: sharded NorMuon (with ORD) for the hidden matrices, all-reduced AdamW for the rest.
+
+Muon. Matrices of one shape form a group (a (3, d, d) stack counts as three d x d matrices). The
+group's gradients are stacked, padded with zero matrices to a multiple of the world size, and
+reduce-scattered (mean), so each rank owns a contiguous share of the matrices. Each rank runs
+momentum, orthogonalization, NorMuon and the update on its share only, then the updated weights
+are all-gathered: the per-rank orthogonalization work falls as 1/world size. With
+`overlap_with_backward`, a group's reduce-scatter starts from a gradient hook as soon as the
+last of its gradients is accumulated, while the backward pass goes on.
+
+ORD (train_gpt_muon_new.py), per matrix with G the momentum-adjusted gradient and W the weight:
+rho = <G,W> / (||W||² + eps), G_par = rho W, G_perp = G - G_par,
+update = Polar(G_perp) + spectral_lr_mul * G_par (added after NorMuon by default, or before it).
+With spectral_lr_mul = 0 and no projection the ORD code is skipped entirely, so the update is the
+standard one bit for bit.
+
+Adam: embeddings, head and scalars, all-reduced rather than sharded. These are a handful of
+tensors (mostly the two vocabulary-sized matrices); an all-reduce moves the same bytes as a
+reduce-scatter plus all-gather, and their Adam state (~0.6 GB for the speedrun model) does not
+need sharding on an 80 GB GPU, so the simpler path wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from harness import dist as hdist
+from harness.config import Config
+from kernels import orthogonalize
+
+# per-matrix statistics the ORD path can report (order of columns in the stats tensor)
+ORD_STATS = ("rho", "spectral_frac", "update_norm", "cos_update_w")
+
+
+@dataclass
+class MatrixRef:
+    """One matrix of a Muon parameter: the whole 2D parameter, or one slice of a 3D stack."""
+
+    name: str
+    param: nn.Parameter
+    index: int | None
+
+    @property
+    def kind(self) -> str:
+        if ".attn." in self.name:
+            return "attn"
+        if ".mlp." in self.name:
+            return "mlp"
+        return "other"
+
+    def weight(self) -> torch.Tensor:
+        return self.param if self.index is None else self.param[self.index]
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        if g is None:
+            return None
+        return g if self.index is None else g[self.index]
+
+
+@dataclass
+class MuonGroup:
+    shape: tuple[int, int]
+    refs: list[MatrixRef]
+    world_size: int
+    rank: int
+    params: list[nn.Parameter] = field(default_factory=list)
+    momentum: torch.Tensor | None = None
+    second_moment: torch.Tensor | None = None
+    pending: Callable[[], torch.Tensor] | None = None  # waits for this step's reduce-scatter
+    ready_count: int = 0
+
+    def __post_init__(self):
+        seen: list[nn.Parameter] = []
+        for r in self.refs:
+            if not any(r.param is p for p in seen):
+                seen.append(r.param)
+        self.params = seen
+
+    @property
+    def padded(self) -> int:
+        return math.ceil(len(self.refs) / self.world_size) * self.world_size
+
+    @property
+    def per_rank(self) -> int:
+        return self.padded // self.world_size
+
+    @property
+    def owned(self) -> range:
+        """Indices (into refs) of the real matrices this rank owns."""
+        start = self.rank * self.per_rank
+        return range(start, min(start + self.per_rank, len(self.refs)))
+
+    def stacked_grads(self) -> torch.Tensor:
+        m, n = self.shape
+        p0 = self.refs[0].param
+        out = torch.zeros(self.padded, m, n, dtype=torch.float32, device=p0.device)
+        for i, r in enumerate(self.refs):
+            g = r.grad()
+            if g is not None:
+                out[i].copy_(g)
+        return out
+
+    def owned_weights(self) -> torch.Tensor:
+        m, n = self.shape
+        p0 = self.refs[0].param
+        out = torch.zeros(self.per_rank, m, n, dtype=torch.float32, device=p0.device)
+        for j, i in enumerate(self.owned):
+            out[j].copy_(self.refs[i].weight())
+        return out
+
+
+def normuon_(O: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon: divide by a running per-neuron RMS (rows when tall, columns when wide), then
+    rescale so each matrix keeps the Frobenius norm it had."""
+    m, n = O.shape[-2:]
+    reduce_dim = -1 if m >= n else -2
+    v = O.square().mean(dim=reduce_dim, keepdim=True)
+    second_moment.lerp_(v, 1 - beta2)
+    norm_before = O.norm(dim=(-2, -1), keepdim=True)
+    O = O / (second_moment.sqrt() + 1e-10)
+    norm_after = O.norm(dim=(-2, -1), keepdim=True)
+    return O * (norm_before / norm_after.clamp_min(1e-30))
+
+
+def ns_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.ns_dtype]
+
+
+class ShardedMuon:
+    def __init__(self, matrices: list[MatrixRef], cfg: Config, info: hdist.DistInfo):
+        self.cfg = cfg
+        self.info = info
+        by_shape: dict[tuple[int, int], list[MatrixRef]] = {}
+        for r in matrices:
+            by_shape.setdefault(tuple(r.weight().shape), []).append(r)
+        self.groups = [MuonGroup(shape, refs, info.world_size, info.rank) for shape, refs in by_shape.items()]
+        for g in self.groups:
+            m, n = g.shape
+            dev = g.refs[0].param.device
+            g.momentum = torch.zeros(g.per_rank, m, n, dtype=torch.float32, device=dev)
+            sm_shape = (g.per_rank, m, 1) if m >= n else (g.per_rank, 1, n)
+            g.second_moment = torch.zeros(sm_shape, dtype=torch.float32, device=dev)
+        self.launch_on_ready = False  # set by the trainer for the micro-batch whose backward syncs
+        self._hooks: list = []
+        self.ns_dtype = ns_dtype(cfg, info.device)
+        self.last_stats: dict[str, dict[str, float]] = {}
+
+    # --- communication --------------------------------------------------------------------
+    def _launch(self, g: MuonGroup) -> None:
+        stacked = g.stacked_grads()
+        out = torch.empty(g.per_rank, *g.shape, dtype=torch.float32, device=stacked.device)
+        g.pending = hdist.reduce_scatter_mean_async(out, stacked)
+
+    def attach_backward_hooks(self) -> None:
+        """Start each group's reduce-scatter as soon as its last gradient is accumulated."""
+        owner: dict[int, list[MuonGroup]] = {}
+        for g in self.groups:
+            for p in g.params:
+                owner.setdefault(id(p), []).append(g)
+
+        def hook(p: torch.Tensor) -> None:
+            if not self.launch_on_ready:
+                return
+            for g in owner[id(p)]:
+                g.ready_count += 1
+                if g.ready_count == len(g.params):
+                    self._launch(g)
+
+        for g in self.groups:
+            for p in g.params:
+                if p.requires_grad and not any(h[0] is p for h in self._hooks):
+                    self._hooks.append((p, p.register_post_accumulate_grad_hook(hook)))
+
+    # --- the update -----------------------------------------------------------------------
+    def spectral_muls(self, g: MuonGroup) -> torch.Tensor:
+        cfg = self.cfg
+        vals = []
+        for j in range(g.per_rank):
+            i = g.rank * g.per_rank + j
+            kind = g.refs[i].kind if i < len(g.refs) else "other"
+            s = cfg.spectral_lr_mul
+            if kind == "attn" and cfg.spectral_lr_mul_attn is not None:
+                s = cfg.spectral_lr_mul_attn
+            elif kind == "mlp" and cfg.spectral_lr_mul_mlp is not None:
+                s = cfg.spectral_lr_mul_mlp
+            vals.append(s)
+        return torch.tensor(vals, dtype=torch.float32, device=g.momentum.device).view(-1, 1, 1)
+
+    def _ord_active(self) -> bool:
+        cfg = self.cfg
+        if not cfg.ord:
+            return False
+        muls = [cfg.spectral_lr_mul, cfg.spectral_lr_mul_attn, cfg.spectral_lr_mul_mlp]
+        return cfg.ord_project or cfg.ord_reproject or any(m not in (None, 0.0) for m in muls)
+
+    @torch.no_grad()
+    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False) -> None:
+        cfg = self.cfg
+        for g in self.groups:
+            if g.pending is None:
+                self._launch(g)
+        gathers = []
+        stats_gathers = []
+        for g in self.groups:
+            grad = g.pending()
+            g.pending, g.ready_count = None, 0
+            W = g.owned_weights()
+            update, stats = self._update(g, grad, W, momentum, collect_stats)
+            m, n = g.shape
+            lr = cfg.muon_lr * lr_mul * max(1.0, m / n) ** 0.5
+            if cfg.muon_wd > 0:
+                decay = W * (lr * cfg.muon_wd)
+                if cfg.cautious_wd:
+                    decay = decay * (update * W >= 0)
+                W.sub_(decay)
+            W.sub_(update, alpha=lr)
+            full = torch.empty(g.padded, m, n, dtype=torch.float32, device=W.device)
+            gathers.append((g, hdist.all_gather_async(full, W), full))
+            if stats is not None:
+                full_stats = torch.empty(g.padded, stats.size(1), dtype=stats.dtype, device=stats.device)
+                stats_gathers.append((g, hdist.all_gather_async(full_stats, stats)))
+        for g, wait, full in gathers:
+            wait()
+            for i, r in enumerate(g.refs):
+                r.weight().copy_(full[i])
+        self.last_stats = {}
+        for g, wait in stats_gathers:
+            full_stats = wait().cpu()
+            for i, r in enumerate(g.refs):
+                self.last_stats[r.name] = dict(zip(ORD_STATS, full_stats[i].tolist()))
+
+    def _update(self, g: MuonGroup, grad: torch.Tensor, W: torch.Tensor, momentum: float, collect: bool):
+        """Momentum, (ORD,) orthogonalization and NorMuon on this rank's share; returns the
+        update direction (before the learning rate) and, when asked, the ORD statistics."""
+        cfg = self.cfg
+        buf = g.momentum
+        buf.lerp_(grad, 1 - momentum)
+        G = grad.lerp(buf, momentum)  # Nesterov
+        ord_on = self._ord_active()
+        if ord_on:
+            w_sq = W.square().sum(dim=(-2, -1), keepdim=True)
+            rho = (G * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + cfg.spectral_proj_eps)
+            G_par = rho * W
+            O = orthogonalize(G - G_par, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
+            if cfg.ord_reproject:
+                O = O - ((O * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + cfg.spectral_proj_eps)) * W
+            s = self.spectral_muls(g)
+            if cfg.ord_parallel_placement == "before_norm":
+                O = O + s * G_par
+            if cfg.normuon:
+                O = normuon_(O, g.second_moment, cfg.normuon_beta2)
+            if cfg.ord_parallel_placement == "after_norm":
+                O = O + s * G_par
+        else:
+            O = orthogonalize(G, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
+            if cfg.normuon:
+                O = normuon_(O, g.second_moment, cfg.normuon_beta2)
+        stats = None
+        if collect:
+            w_sq = W.square().sum(dim=(-2, -1))
+            dot = (G * W).sum(dim=(-2, -1))
+            rho = dot / (w_sq + cfg.spectral_proj_eps)
+            g_norm = G.norm(dim=(-2, -1))
+            par_norm = rho.abs() * w_sq.sqrt()
+            u_norm = O.norm(dim=(-2, -1))
+            cos = (O * W).sum(dim=(-2, -1)) / (u_norm * w_sq.sqrt()).clamp_min(1e-30)
+            stats = torch.stack([rho, par_norm / g_norm.clamp_min(1e-30), u_norm, cos], dim=1)
+        return O, stats
+
+    # --- state (checkpoints) ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "world_size": self.info.world_size,
+            "groups": [
+                {"shape": list(g.shape), "momentum": g.momentum.cpu(), "second_moment": g.second_moment.cpu()}
+                for g in self.groups
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for g, s in zip(self.groups, state["groups"], strict=True):
+            g.momentum.copy_(s["momentum"])
+            g.second_moment.copy_(s["second_moment"])
+
+
+class AllReducedAdam:
+    """AdamW on embeddings, head and scalars; gradients averaged over ranks in one flat buffer."""
+
+    def __init__(self, groups: list[dict], cfg: Config):
+        self.base_lrs = [grp["lr"] for grp in groups]
+        self.params = [p for grp in groups for p in grp["params"]]
+        self.opt = torch.optim.AdamW(
+            groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd,
+            foreach=True,
+        )
+        self._pending: tuple[Callable[[], torch.Tensor], torch.Tensor] | None = None
+
+    def launch_reduce(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        self._pending = (hdist.all_reduce_mean_async(flat), flat)
+
+    @torch.no_grad()
+    def step(self, lr_mul: float) -> None:
+        if self._pending is None:
+            self.launch_reduce()
+        wait, flat = self._pending
+        self._pending = None
+        wait()
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        for grp, base in zip(self.opt.param_groups, self.base_lrs):
+            grp["lr"] = base * lr_mul
+        self.opt.step()
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
+class Optimizers:
+    """Muon + Adam as the trainer sees them: one step, one zero_grad, one state dict."""
+
+    def __init__(self, model: nn.Module, cfg: Config, info: hdist.DistInfo):
+        roles = model.param_roles()
+        matrices: list[MatrixRef] = []
+        adam_groups: dict[str, list[nn.Parameter]] = {"embed": [], "head": [], "scalar": []}
+        self.assignment: dict[str, str] = {}
+        for name, p in model.named_parameters():
+            role = roles[name]
+            if role == "muon":
+                names = model.matrix_names(name, p)
+                if p.ndim == 2:
+                    matrices.append(MatrixRef(names[0], p, None))
+                else:
+                    stack = p.view(-1, *p.shape[-2:])
+                    if stack.size(0) != len(names):
+                        names = [f"{name}.{i}" for i in range(stack.size(0))]
+                    matrices.extend(MatrixRef(nm, p, i) for i, nm in enumerate(names))
+                self.assignment[name] = "muon"
+            else:
+                adam_groups[role].append(p)
+                self.assignment[name] = f"adam_{role}"
+        lrs = {"embed": cfg.adam_lr_embed, "head": cfg.adam_lr_head, "scalar": cfg.adam_lr_scalar}
+        groups = [{"params": ps, "lr": lrs[role], "name": role} for role, ps in adam_groups.items() if ps]
+        self.muon = ShardedMuon(matrices, cfg, info)
+        self.adam = AllReducedAdam(groups, cfg)
+        self.model = model
+
+    def attach_backward_hooks(self) -> None:
+        self.muon.attach_backward_hooks()
+
+    def set_sync(self, sync: bool) -> None:
+        """True for the micro-batch whose backward completes this step's gradients."""
+        self.muon.launch_on_ready = sync
+
+    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False) -> None:
+        self.adam.launch_reduce()
+        self.muon.step(lr_mul, momentum, collect_stats)
+        self.adam.step(lr_mul)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adam": self.adam.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adam.load_state_dict(state["adam"])

@@ -1,0 +1,108 @@
+"""The speedrun schedules: batch-size stages, LR multiplier with linear cooldown, Muon momentum
+warm-up, and when to validate (REFERENCE.md, "The run").
+
+The scheduled steps S are split into three equal stages (boundaries at round(k/3 * S)), then an
+extension stage of E steps. Each stage has its global batch size (tokens per step) and LR
+multiplier. Cooldown starts at c = int(S * (1 - cooldown_frac)): for s >= c,
+t = min(1, (s - c) / (S - c)) and lr = m * (1 - t) + final * t; the extension runs at final.
+Without a cooldown (cooldown_frac = 0) the extension runs at its own multiplier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.config import Config
+
+
+@dataclass(frozen=True)
+class Schedule:
+    batch_sizes: tuple[int, ...]
+    lr_muls: tuple[float, ...]
+    scheduled: int
+    extension: int
+    cooldown_frac: float
+    lr_final: float
+    momentum: float
+    momentum_start: float
+    momentum_warmup: int
+    momentum_cooldown: int
+    val_every: int
+    val_last_steps: int
+    val_every_last: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Schedule":
+        return cls(
+            batch_sizes=tuple(cfg.batch_sizes),
+            lr_muls=tuple(cfg.lr_muls),
+            scheduled=cfg.num_scheduled_iterations,
+            extension=cfg.num_extension_iterations,
+            cooldown_frac=cfg.cooldown_frac,
+            lr_final=cfg.lr_decay_final,
+            momentum=cfg.muon_momentum,
+            momentum_start=cfg.muon_momentum_start,
+            momentum_warmup=cfg.muon_momentum_warmup_steps,
+            momentum_cooldown=cfg.muon_momentum_cooldown_steps,
+            val_every=cfg.val_loss_every,
+            val_last_steps=cfg.val_loss_last_steps,
+            val_every_last=cfg.val_loss_every_last,
+        )
+
+    @property
+    def total(self) -> int:
+        return self.scheduled + self.extension
+
+    def stage(self, step: int) -> int:
+        """0, 1, 2 for the scheduled thirds; 3 for the extension."""
+        S = self.scheduled
+        if step >= S:
+            return 3
+        if step < round(S / 3):
+            return 0
+        if step < round(2 * S / 3):
+            return 1
+        return 2
+
+    def batch_size(self, step: int) -> int:
+        return self.batch_sizes[self.stage(step)]
+
+    @property
+    def cooldown_start(self) -> int:
+        return int(self.scheduled * (1 - self.cooldown_frac))
+
+    def lr_mul(self, step: int) -> float:
+        stage = self.stage(step)
+        m = self.lr_muls[stage]
+        c, S = self.cooldown_start, self.scheduled
+        if c >= S:  # no cooldown
+            return m
+        if stage == 3:
+            return self.lr_final
+        if step < c:
+            return m
+        t = min(1.0, (step - c) / (S - c))
+        return m * (1 - t) + self.lr_final * t
+
+    def muon_momentum(self, step: int) -> float:
+        """Warm up from momentum_start to momentum, and back over the last steps of the run."""
+        mu = self.momentum
+        if self.momentum_warmup > 0:
+            frac = min(step / self.momentum_warmup, 1.0)
+            mu = (1 - frac) * self.momentum_start + frac * self.momentum
+        if self.momentum_cooldown > 0:
+            start = self.total - self.momentum_cooldown
+            if step >= start:
+                frac = min((step - start) / self.momentum_cooldown, 1.0)
+                mu = (1 - frac) * mu + frac * self.momentum_start
+        return mu
+
+    def validate_at(self, step: int) -> bool:
+        """Validation happens before training step `step` (step 0) and after the last one (total)."""
+        if step == 0 or step == self.total:
+            return True
+        if self.val_every > 0 and step % self.val_every == 0:
+            return True
+        if self.val_last_steps > 0 and self.val_every_last > 0 and step >= self.total - self.val_last_steps:
+            return step % self.val_every_last == 0
+        return False

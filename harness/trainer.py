@@ -1,0 +1,309 @@
+"""The training loop shared by train_gpt.py and train_gpt_muon_new.py.
+
+One run: resolve and validate the config, set up the process group, open the run log (rank 0),
+then alternate validation and training steps following the schedule. The global batch is fixed
+in tokens whatever the world size: each rank gets its share and accumulates gradients over
+micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import secrets
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from harness import dist as hdist
+from harness.config import Config, load_config, validate
+from harness.errors import UserError
+from harness.malloc import keep_freed_memory
+from harness.model import GPT, ModelShape
+from harness.optim import Optimizers
+from harness.runlog import RunLogWriter, log_path
+from harness.runinfo import environment, project_sources
+from harness.schedule import Schedule
+
+EXIT_DIVERGED = 3
+EXIT_USER_ERROR = 2
+
+
+@dataclass
+class RunState:
+    step: int = 0  # training steps done
+    train_time_ms: float = 0.0
+    last_val_loss: float = float("nan")
+
+
+def default_run_id(cfg: Config) -> str:
+    base = cfg.tag or (Path(cfg.script).stem if cfg.script else "run")
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: hdist.DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.schedule = Schedule.from_config(cfg)
+        self.log: RunLogWriter | None = None
+        self.state = RunState()
+
+    # --- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        from data.loader import DistributedTokenLoader, val_batches  # noqa: F401  (import errors surface early)
+        from data.shards import find_shards
+
+        train_files = find_shards(cfg.train_files)
+        val_files = find_shards(cfg.val_files)
+        self.val_files = val_files
+        seed_everything(cfg.seed)
+        shape = ModelShape.from_config(cfg)
+        model = GPT(shape).to(self.device)
+        # every rank built the same model from the same seed; broadcast anyway so a rank
+        # that somehow differs can never train a different model silently
+        for p in model.parameters():
+            hdist.broadcast_(p.data)
+        if self.device.type == "cuda":
+            model.set_attention("flex")
+        self.model = model
+        self.opt = Optimizers(model, cfg, info)
+        self.opt.attach_backward_hooks()
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self.forward = torch.compile(model) if use_compile else model
+        self.loader = DistributedTokenLoader(
+            train_files,
+            seq_len=cfg.seq_len,
+            rank=info.rank,
+            world_size=info.world_size,
+            vocab_size=cfg.vocab_size,
+            align_bos=cfg.align_bos,
+            device=self.device,
+        )
+        self.val_batch_tokens = self._val_batch_tokens()
+        # fail on a too-short val shard now, not at the first validation
+        next(iter(self._val_iter()), None)
+
+    def _val_batch_tokens(self) -> int:
+        cfg, W = self.cfg, self.info.world_size
+        per_rank = max(cfg.seq_len, min(cfg.device_batch_tokens, cfg.val_tokens // W))
+        per_rank -= per_rank % cfg.seq_len
+        while (cfg.val_tokens // W) % per_rank:
+            per_rank -= cfg.seq_len
+        return per_rank * W
+
+    def _val_iter(self):
+        from data.loader import val_batches
+
+        return val_batches(
+            self.val_files,
+            val_tokens=self.cfg.val_tokens,
+            seq_len=self.cfg.seq_len,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            batch_tokens=self.val_batch_tokens,
+            vocab_size=self.cfg.vocab_size,
+            device=self.device,
+        )
+
+    def open_log(self, sources: list[tuple[str, str]]) -> None:
+        cfg = self.cfg
+        if not self.info.is_main:
+            return
+        self.log = RunLogWriter(log_path(cfg.log_dir, cfg.run_id), cfg.run_id)
+        env = environment(self.info)
+        smi = env.pop("_nvidia_smi", None)
+        self.log.header(sources, env, self.config_record())
+        if smi:
+            self.log.raw(smi)
+        self.log.write(f"log: {log_path(cfg.log_dir, cfg.run_id)}")
+
+    def config_record(self) -> dict[str, Any]:
+        record = self.cfg.to_dict()
+        record["world_size"] = self.info.world_size
+        record["param_assignment"] = self.opt.assignment
+        return record
+
+    # --- steps ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
+        with _autocast(self.cfg, self.device):
+            for x, y in self._val_iter():
+                total += self.forward(x, y).double()
+                n += 1
+        self.model.train()
+        loss = torch.stack([total / max(n, 1)]).float()
+        return float(hdist.all_reduce_mean_(loss).item())
+
+    def train_step(self, step: int, collect_stats: bool) -> float:
+        cfg = self.cfg
+        batch_tokens = self.schedule.batch_size(step)
+        x, y = self.loader.next_batch(batch_tokens)
+        micro = max(1, cfg.device_batch_tokens // cfg.seq_len)
+        chunks = list(zip(x.split(micro), y.split(micro)))
+        n_seqs = x.size(0)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xc, yc) in enumerate(chunks):
+            self.opt.set_sync(i == len(chunks) - 1)
+            with _autocast(cfg, self.device):
+                loss = self.forward(xc, yc)
+            # weight by the chunk's share so the accumulated gradient is this rank's mean
+            (loss * (xc.size(0) / n_seqs)).backward()
+            loss_sum += loss.detach() * (xc.size(0) / n_seqs)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lr_mul = self.schedule.lr_mul(step)
+        self.opt.step(lr_mul, self.schedule.muon_momentum(step), collect_stats=collect_stats)
+        self.opt.zero_grad()
+        return float(hdist.all_reduce_mean_(loss_sum.reshape(1)).item())
+
+    def run(self) -> int:
+        cfg, sched = self.cfg, self.schedule
+        total = sched.total
+        state = self.state
+        while True:
+            step = state.step
+            if sched.validate_at(step):
+                val_loss = self.validate()
+                self._log_step(step, val_loss=val_loss)
+                if not math.isfinite(val_loss):
+                    return self._diverged(step)
+            if step == total:
+                break
+            collect = cfg.ord and sched.validate_at(step)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            train_loss = self.train_step(step, collect_stats=collect)
+            _sync(self.device)
+            state.train_time_ms += (time.perf_counter() - t0) * 1000
+            state.step = step + 1
+            self._log_step(state.step, train_loss=train_loss)
+            if collect:
+                self._log_ord_stats(step)
+            if not math.isfinite(train_loss):
+                return self._diverged(state.step)
+        if self.log:
+            self.log.status("finished", final_val_loss=state.last_val_loss, step=total,
+                            train_time=f"{state.train_time_ms:.0f}ms")
+        return 0
+
+    def _log_step(self, step: int, val_loss: float | None = None, train_loss: float | None = None) -> None:
+        if val_loss is not None:
+            self.state.last_val_loss = val_loss
+        if not self.log:
+            return
+        s = self.state
+        avg = s.train_time_ms / max(s.step, 1) if s.step else 0.0
+        sched_step = max(step - 1, 0) if train_loss is not None else min(step, self.schedule.total - 1)
+        self.log.step(
+            step,
+            self.schedule.total,
+            val_loss=val_loss,
+            train_loss=train_loss,
+            train_time_ms=s.train_time_ms,
+            step_avg_ms=avg,
+            lr_mul=self.schedule.lr_mul(sched_step),
+            batch_size=self.schedule.batch_size(sched_step),
+        )
+
+    def _log_ord_stats(self, step: int) -> None:
+        if not self.log:
+            return
+        for name, stats in self.opt.muon.last_stats.items():
+            self.log.diag(step, name, **stats)
+
+    def _diverged(self, step: int) -> int:
+        if self.log:
+            self.log.status("diverged", step=step)
+        if self.info.is_main:
+            print(f"error: loss is not finite at step {step}: diverged", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+def _print_error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> int:
+    """Entry point of the train scripts: returns the process exit code."""
+    script_name = Path(script).name
+    try:
+        cfg = load_config(argv, overrides={"script": script_name, **(overrides or {})}, prog=script_name)
+    except UserError as e:
+        _print_error(str(e))
+        return EXIT_USER_ERROR
+    info = hdist.init()
+    if info.device.type == "cpu":
+        keep_freed_memory()
+    trainer: Trainer | None = None
+    try:
+        validate(cfg, world_size=info.world_size)
+        if not cfg.run_id:
+            cfg.run_id = hdist.broadcast_object(default_run_id(cfg))
+        # the one check that only the main rank can make; every rank must agree on its outcome
+        path = log_path(cfg.log_dir, cfg.run_id)
+        hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
+        trainer = Trainer(cfg, info)
+        trainer.setup()
+        trainer.open_log(project_sources(script))
+        code = trainer.run()
+    except UserError as e:
+        if info.is_main:
+            _print_error(str(e))
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if trainer and trainer.log:
+            trainer.log.status("interrupted", step=trainer.state.step)
+        code = 130
+    except Exception as e:  # noqa: BLE001 - any crash still ends the log with a status line
+        if trainer and trainer.log:
+            reason = "_".join(f"{type(e).__name__}:{e}".split())[:300]
+            trainer.log.status("failed", reason=reason, step=trainer.state.step)
+        traceback.print_exc()
+        code = 1
+    finally:
+        if trainer and trainer.log:
+            if info.is_main:
+                print(f"run log: {trainer.log.path}", flush=True)
+            trainer.log.close()
+    hdist.shutdown(info)
+    return code
+
+
+def _refuse_existing_log(path: Path) -> None:
+    if path.exists():
+        raise UserError(
+            f"{path}: a run log with this run_id already exists; refusing to overwrite it"
+            " (choose another RUN_ID)"
+        )
