@@ -128,6 +128,14 @@ def normuon_(O: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torc
     return O * (norm_before / norm_after.clamp_min(1e-30))
 
 
+def ord_decompose(G: torch.Tensor, W: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per matrix (the last two dims): rho = <G,W> / (||W||² + eps), G_par = rho W, G_perp = G - G_par."""
+    w_sq = W.square().sum(dim=(-2, -1), keepdim=True)
+    rho = (G * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + eps)
+    G_par = rho * W
+    return rho, G_par, G - G_par
+
+
 def ns_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.ns_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -246,12 +254,10 @@ class ShardedMuon:
         G = grad.lerp(buf, momentum)  # Nesterov
         ord_on = self._ord_active()
         if ord_on:
-            w_sq = W.square().sum(dim=(-2, -1), keepdim=True)
-            rho = (G * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + cfg.spectral_proj_eps)
-            G_par = rho * W
-            O = orthogonalize(G - G_par, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
+            _, G_par, G_perp = ord_decompose(G, W, cfg.spectral_proj_eps)
+            O = orthogonalize(G_perp, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
             if cfg.ord_reproject:
-                O = O - ((O * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + cfg.spectral_proj_eps)) * W
+                O = ord_decompose(O, W, cfg.spectral_proj_eps)[2]
             s = self.spectral_muls(g)
             if cfg.ord_parallel_placement == "before_norm":
                 O = O + s * G_par
