@@ -22,3 +22,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory) -> Path:
+    """Small train/val shards of GPT-2 tokens from the standard library's sources."""
+    from train_utils import make_small_shards
+
+    return make_small_shards(tmp_path_factory.mktemp("shards"))

@@ -1,0 +1,83 @@
+import pytest
+
+from harness.config import PRESETS, Config, config_from_dict, load_config, validate
+from harness.errors import UserError
+
+
+def test_preset_env_flag_priority():
+    cfg = load_config(["--preset", "speedrun", "--num_layers", "3"],
+                      env={"NUM_LAYERS": "5", "MODEL_DIM": "384", "COOLDOWN_FRAC": "0.4"})
+    assert cfg.preset == "speedrun"
+    assert cfg.num_layers == 3  # flag beats env
+    assert cfg.model_dim == 384  # env beats preset
+    assert cfg.cooldown_frac == 0.4
+    assert cfg.seq_len == 2048  # from the preset
+    assert cfg.batch_sizes == [131072, 262144, 393216, 393216]
+    assert cfg.lr_muls == [1.0, 1.52, 1.73, 1.0]
+    assert (cfg.num_scheduled_iterations, cfg.num_extension_iterations) == (1560, 40)
+
+
+def test_preset_from_env_and_lists():
+    cfg = load_config([], env={"PRESET": "speedrun", "BATCH_SIZES": "131072,262144,393216,393216",
+                               "LR_MULS": "1,1.52,1.73,1", "SPECTRAL_LR_MUL": "0.5", "RUN_ID": "abc-1"})
+    assert cfg.preset == "speedrun" and cfg.spectral_lr_mul == 0.5 and cfg.run_id == "abc-1"
+    assert cfg.lr_muls == [1.0, 1.52, 1.73, 1.0]
+
+
+def test_bool_flags_and_optional():
+    cfg = load_config(["--ord_project", "--normuon", "0", "--spectral_lr_mul_attn", "0.3"], env={})
+    assert cfg.ord_project is True and cfg.normuon is False and cfg.spectral_lr_mul_attn == 0.3
+    assert cfg.spectral_lr_mul_mlp is None
+
+
+def test_torchrun_variables_are_not_config():
+    cfg = load_config([], env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert cfg == load_config([], env={})
+
+
+@pytest.mark.parametrize(
+    "argv, env, needle",
+    [
+        ([], {"BATCH_SIZES": "12,,x"}, "BATCH_SIZES"),
+        ([], {"BATCH_SIZES": "2048,x,1,1"}, "is not an integer"),
+        (["--preset", "huge"], {}, "preset='huge' is unknown"),
+        ([], {"PRESET": "huge"}, "preset='huge'"),
+        (["--run_id", "a/b"], {}, "run_id='a/b'"),
+        (["--run_id", "x..y"], {}, "no '..'"),
+        (["--num_layers", "0"], {}, "num_layers=0"),
+        (["--cooldown_frac", "1.5"], {}, "cooldown_frac=1.5"),
+        (["--ns_method", "svd"], {}, "polar_express or quintic"),
+        (["--batch_sizes", "2048,4096"], {}, "four values"),
+        (["--batch_sizes", "100,256,256,256"], {}, "multiple of seq_len=256"),
+        (["--spectral_lr_mul", "-1"], {}, "spectral_lr_mul=-1.0"),
+        (["--spectral_lr_mul", "nan"], {}, "spectral_lr_mul=nan"),
+        (["--ord_parallel_placement", "middle"], {}, "after_norm or before_norm"),
+        (["--bogus", "1"], {}, "unknown argument '--bogus'"),
+        (["--normuon", "maybe"], {}, "is not a boolean"),
+    ],
+)
+def test_bad_values_are_one_line_errors(argv, env, needle):
+    with pytest.raises(UserError) as e:
+        load_config(argv, env=env)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_world_size_divisibility():
+    cfg = load_config([], env={})
+    validate(cfg, world_size=2)
+    with pytest.raises(UserError, match=r"divisible by world_size x seq_len = 3 x 256"):
+        validate(cfg, world_size=3)
+
+
+def test_round_trip_dict():
+    cfg = load_config(["--preset", "speedrun", "--tag", "t1"], env={})
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UserError, match="unknown config field 'nope'"):
+        config_from_dict({**cfg.to_dict(), "nope": 1})
+
+
+def test_presets_are_valid():
+    for name in PRESETS:
+        validate(load_config(["--preset", name], env={}))
+    assert Config().preset == "tiny"
