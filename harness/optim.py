@@ -283,18 +283,39 @@ class ShardedMuon:
 
     # --- state (checkpoints) ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "world_size": self.info.world_size,
-            "groups": [
-                {"shape": list(g.shape), "momentum": g.momentum.cpu(), "second_moment": g.second_moment.cpu()}
-                for g in self.groups
-            ],
-        }
+        """The whole Muon state, gathered from every rank's share, in matrix order and without
+        the padding: a checkpoint written at one world size loads at any other. A collective:
+        every rank must call it (each gets the whole state; rank 0 writes it)."""
+        groups = []
+        for g in self.groups:
+            n = len(g.refs)
+            entry: dict = {"shape": list(g.shape), "names": [r.name for r in g.refs]}
+            for key in ("momentum", "second_moment"):
+                shard = getattr(g, key)
+                full = torch.empty(g.padded, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+                hdist.all_gather_async(full, shard)()
+                # clone the unpadded part: torch.save writes a view's whole storage
+                entry[key] = (full[:n].clone() if n < g.padded else full).cpu()
+            groups.append(entry)
+        return {"world_size": self.info.world_size, "groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
-        for g, s in zip(self.groups, state["groups"], strict=True):
-            g.momentum.copy_(s["momentum"])
-            g.second_moment.copy_(s["second_moment"])
+        """Take this rank's share of a whole state written by state_dict (any world size).
+        A state that does not fit these matrices raises ValueError naming the group."""
+        if len(state["groups"]) != len(self.groups):
+            raise ValueError(f"{len(state['groups'])} Muon groups saved, {len(self.groups)} here")
+        for g, s in zip(self.groups, state["groups"]):
+            names = [r.name for r in g.refs]
+            if list(s["shape"]) != list(g.shape) or list(s["names"]) != names:
+                raise ValueError(f"Muon group {tuple(s['shape'])} with {len(s['names'])} matrices saved,"
+                                 f" {g.shape} with {len(names)} here")
+            for key in ("momentum", "second_moment"):
+                mine, full = getattr(g, key), s[key]
+                if tuple(full.shape) != (len(g.refs), *mine.shape[1:]):
+                    raise ValueError(f"Muon {key} of group {g.shape} has shape {tuple(full.shape)}")
+                mine.zero_()  # the padding matrices stay zero, as in a fresh run
+                for j, i in enumerate(g.owned):
+                    mine[j].copy_(full[i])
 
 
 class AllReducedAdam:

@@ -9,6 +9,7 @@ micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -23,18 +24,21 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
 from harness.errors import UserError
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
+from harness.preemption import StopRequest
 from harness.runlog import RunLogWriter, log_path
 from harness.runinfo import environment, project_sources
 from harness.schedule import Schedule
 
 EXIT_DIVERGED = 3
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 0  # a pre-empted run stopped cleanly; its log ends in status:preempted step:N
 
 
 @dataclass
@@ -42,6 +46,7 @@ class RunState:
     step: int = 0  # training steps done
     train_time_ms: float = 0.0
     last_val_loss: float = float("nan")
+    val_step: int = -1  # the step of the last validation (a resumed run does not redo it)
 
 
 def default_run_id(cfg: Config) -> str:
@@ -75,6 +80,8 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg)
         self.log: RunLogWriter | None = None
         self.state = RunState()
+        self.resumed_step: int | None = None  # the step of the checkpoint this run resumed from
+        self.stop = StopRequest()  # main() installs its SIGTERM handler
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -138,19 +145,65 @@ class Trainer:
         cfg = self.cfg
         if not self.info.is_main:
             return
-        self.log = RunLogWriter(log_path(cfg.log_dir, cfg.run_id), cfg.run_id)
+        path = log_path(cfg.log_dir, cfg.run_id)
         env = environment(self.info)
         smi = env.pop("_nvidia_smi", None)
+        if self.resumed_step is not None and path.exists():
+            # the same run goes on in the same log; the parser drops what was logged after the
+            # checkpoint. A line cut by the kill is ended first so it cannot swallow ours.
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            self.log = RunLogWriter(path, cfg.run_id, append=True)
+            if cut:
+                self.log.raw("")
+            self.log.resumed(self.resumed_step)
+            self.log.env(env)
+            return
+        self.log = RunLogWriter(path, cfg.run_id)
         self.log.header(sources, env, self.config_record())
         if smi:
             self.log.raw(smi)
-        self.log.write(f"log: {log_path(cfg.log_dir, cfg.run_id)}")
+        self.log.write(f"log: {path}")
+        if self.resumed_step is not None:  # resumed from a checkpoint whose log is not here
+            self.log.resumed(self.resumed_step)
 
     def config_record(self) -> dict[str, Any]:
         record = self.cfg.to_dict()
         record["world_size"] = self.info.world_size
         record["param_assignment"] = self.opt.assignment
         return record
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Continue from a loaded checkpoint (after setup): every rank takes its share."""
+        saved = ckpt_io.restore(ckpt, path, model=self.model, opt=self.opt, loader=self.loader, info=self.info)
+        self.state = RunState(**saved)
+        self.resumed_step = self.state.step
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt_io.save(self.cfg, self.info, step=self.state.step, model=self.model, opt=self.opt,
+                            loader=self.loader, run_state=dataclasses.asdict(self.state))
+        if self.log:
+            self.log.write(f"checkpoint: {path}")
+        return path
+
+    def _save_due(self, step: int) -> bool:
+        cfg = self.cfg
+        if step == self.resumed_step:  # that checkpoint exists already
+            return False
+        periodic = cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0
+        return periodic or (cfg.save_final and step == self.schedule.total)
+
+    def _preempted(self, step: int) -> int:
+        path = self.save_checkpoint() if step != self.resumed_step else None
+        if self.log:
+            self.log.status("preempted", step=step)
+        if self.info.is_main:
+            where = path or ckpt_io.step_path(ckpt_io.run_dir(self.cfg), step)
+            print(f"preempted at step {step}; checkpoint {where}; continue with"
+                  f" --resume latest --run_id {self.cfg.run_id}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
 
     # --- steps ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,11 +247,17 @@ class Trainer:
         state = self.state
         while True:
             step = state.step
-            if sched.validate_at(step):
+            # every rank stops at the same step: the SIGTERM flag is agreed on once per step
+            if self.stop.agreed(self.info):
+                return self._preempted(step)
+            if sched.validate_at(step) and state.val_step != step:
                 val_loss = self.validate()
+                state.val_step = step
                 self._log_step(step, val_loss=val_loss)
                 if not math.isfinite(val_loss):
                     return self._diverged(step)
+            if self._save_due(step):
+                self.save_checkpoint()
             if step == total:
                 break
             collect = cfg.ord and sched.validate_at(step)
@@ -267,15 +326,21 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     if info.device.type == "cpu":
         keep_freed_memory()
     trainer: Trainer | None = None
+    stop = StopRequest().install()
     try:
         validate(cfg, world_size=info.world_size)
+        resume = _load_resume(cfg, info) if cfg.resume else None
         if not cfg.run_id:
             cfg.run_id = hdist.broadcast_object(default_run_id(cfg))
-        # the one check that only the main rank can make; every rank must agree on its outcome
-        path = log_path(cfg.log_dir, cfg.run_id)
-        hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
+        if resume is None:
+            # the one check that only the main rank can make; every rank must agree on its outcome
+            path = log_path(cfg.log_dir, cfg.run_id)
+            hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
         trainer = Trainer(cfg, info)
+        trainer.stop = stop
         trainer.setup()
+        if resume is not None:
+            trainer.restore(resume[1], resume[0])
         trainer.open_log(project_sources(script))
         code = trainer.run()
     except UserError as e:
@@ -293,12 +358,43 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
         traceback.print_exc()
         code = 1
     finally:
+        stop.uninstall()
         if trainer and trainer.log:
             if info.is_main:
                 print(f"run log: {trainer.log.path}", flush=True)
             trainer.log.close()
     hdist.shutdown(info)
     return code
+
+
+def _load_resume(cfg: Config, info: hdist.DistInfo) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint `--resume` names, loaded on every rank and checked against this run's
+    config before anything is written. Rank 0 picks the file (\"latest\" looks at the directory)
+    and every rank loads that one; a run without --run_id takes the checkpoint's."""
+    loaded: dict[str, Any] = {}
+
+    def pick() -> str:
+        path, ckpt = ckpt_io.resolve(cfg)
+        ckpt_io.check_compatible(ckpt, cfg, path)
+        loaded[str(path)] = ckpt
+        return str(path)
+
+    name = hdist.on_main_agreed(info, pick)
+    error = None
+    if name not in loaded:
+        try:
+            loaded[name] = ckpt_io.load(name)
+            ckpt_io.check_compatible(loaded[name], cfg, Path(name))
+        except UserError as e:
+            error = str(e)
+    hdist.all_agree_or_raise(info, error)
+    ckpt = loaded[name]
+    cfg.run_id = ckpt["run_id"]
+    if ckpt["world_size"] != info.world_size and info.is_main:
+        print(f"note: {name} was written at world size {ckpt['world_size']}, resuming at {info.world_size}:"
+              " the Muon state is re-sharded; losses match to float tolerance, not bit for bit",
+              file=sys.stderr, flush=True)
+    return Path(name), ckpt
 
 
 def _refuse_existing_log(path: Path) -> None:

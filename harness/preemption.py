@@ -1,0 +1,53 @@
+"""SIGTERM as a request to stop at the end of the current step.
+
+Slurm sends SIGTERM before it pre-empts or times out a job, and torchrun, on SIGTERM, sends
+SIGTERM to its workers and gives them 30 s before SIGKILL. The handler only records the signal;
+the trainer polls it once per step and all ranks agree (an all-reduce) on stopping at the same
+step, where they save a checkpoint, log `status:preempted step:N` and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import torch
+
+from harness import dist as hdist
+
+
+class StopRequest:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> "StopRequest":
+        # signal handlers can only be set from the main thread (an in-process caller may not be)
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
+                  file=sys.stderr, flush=True)
+        self.signum = signum
+
+    def agreed(self, info: hdist.DistInfo) -> bool:
+        """True on every rank when any rank was asked to stop (a collective when distributed)."""
+        if not info.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
+        return bool(hdist.all_reduce_mean_(flag).item() > 0)
