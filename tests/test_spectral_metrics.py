@@ -138,4 +138,4 @@ def test_reshape_spectrum_modes():
     with pytest.raises(ValueError):
         sp.reshape_spectrum(M, "nope")
     P = sp.polar_factor(M)
-    assert torch.allclose(P.T @ P @ P, P, atol=1e-9)  # a partial isometry
+    assert torch.allclose(P @ P.T @ P, P, atol=1e-9)  # a partial isometry
