@@ -160,6 +160,13 @@ class ShardedMuon:
         self._hooks: list = []
         self.ns_dtype = ns_dtype(cfg, info.device)
         self.last_stats: dict[str, dict[str, float]] = {}
+        # Inspection hook (harness/diagnostics.py): when set, called per group on the owner rank
+        # as inspect(group, probe) with this rank's share (per_rank, m, n, padding included) of:
+        # grad (reduced raw gradient), G (after momentum), ns_in / ns_out (the orthogonalization's
+        # input and output), update (the direction after NorMuon/ORD, before the LR), W (before
+        # the step) and dW (the applied change). It only reads them: the step is unchanged.
+        self.inspect: Callable[[MuonGroup, dict[str, torch.Tensor]], None] | None = None
+        self._probe: dict[str, torch.Tensor] | None = None
 
     # --- communication --------------------------------------------------------------------
     def _launch(self, g: MuonGroup) -> None:
@@ -221,6 +228,7 @@ class ShardedMuon:
             grad = g.pending()
             g.pending, g.ready_count = None, 0
             W = g.owned_weights()
+            self._probe = {"W": W.clone()} if self.inspect is not None else None
             update, stats = self._update(g, grad, W, momentum, collect_stats)
             m, n = g.shape
             lr = cfg.muon_lr * lr_mul * max(1.0, m / n) ** 0.5
@@ -232,6 +240,10 @@ class ShardedMuon:
             W.sub_(update, alpha=lr)
             full = torch.empty(g.padded, m, n, dtype=torch.float32, device=W.device)
             gathers.append((g, hdist.all_gather_async(full, W), full))
+            if self._probe is not None:  # runs while the weights' all-gather is in flight
+                probe, self._probe = self._probe, None
+                probe.update(grad=grad, update=update, dW=W - probe["W"])
+                self.inspect(g, probe)
             if stats is not None:
                 full_stats = torch.empty(g.padded, stats.size(1), dtype=stats.dtype, device=stats.device)
                 stats_gathers.append((g, hdist.all_gather_async(full_stats, stats)))
@@ -256,6 +268,8 @@ class ShardedMuon:
         if ord_on:
             _, G_par, G_perp = ord_decompose(G, W, cfg.spectral_proj_eps)
             O = orthogonalize(G_perp, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
+            if self._probe is not None:
+                self._probe.update(G=G, ns_in=G_perp, ns_out=O)
             if cfg.ord_reproject:
                 O = ord_decompose(O, W, cfg.spectral_proj_eps)[2]
             s = self.spectral_muls(g)
@@ -267,6 +281,8 @@ class ShardedMuon:
                 O = O + s * G_par
         else:
             O = orthogonalize(G, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
+            if self._probe is not None:
+                self._probe.update(G=G, ns_in=G, ns_out=O)
             if cfg.normuon:
                 O = normuon_(O, g.second_moment, cfg.normuon_beta2)
         stats = None
