@@ -27,6 +27,7 @@ import torch
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
+from harness.diagnostics import SpectralDiagnostics
 from harness.errors import UserError
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
@@ -104,6 +105,7 @@ class Trainer:
         self.model = model
         self.opt = Optimizers(model, cfg, info)
         self.opt.attach_backward_hooks()
+        self.diag = SpectralDiagnostics(cfg, info, self.opt, model) if cfg.diag_every > 0 else None
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
         self.forward = torch.compile(model) if use_compile else model
         self.loader = DistributedTokenLoader(
@@ -237,7 +239,12 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         lr_mul = self.schedule.lr_mul(step)
+        diag = self.diag is not None and self.diag.due(step)
+        if diag:
+            self.diag.begin(step)
         self.opt.step(lr_mul, self.schedule.muon_momentum(step), collect_stats=collect_stats)
+        if diag:
+            self.diag.end(step)  # reads the Adam gradients: before zero_grad
         self.opt.zero_grad()
         return float(hdist.all_reduce_mean_(loss_sum.reshape(1)).item())
 
@@ -270,6 +277,8 @@ class Trainer:
             self._log_step(state.step, train_loss=train_loss)
             if collect:
                 self._log_ord_stats(step)
+            if self.diag is not None:
+                self._log_diag()
             if not math.isfinite(train_loss):
                 return self._diverged(state.step)
         if self.log:
@@ -295,6 +304,11 @@ class Trainer:
             lr_mul=self.schedule.lr_mul(sched_step),
             batch_size=self.schedule.batch_size(sched_step),
         )
+
+    def _log_diag(self) -> None:
+        for step, layer, metrics in self.diag.take_records():
+            if self.log:
+                self.log.diag(step, layer, **metrics)
 
     def _log_ord_stats(self, step: int) -> None:
         if not self.log:
