@@ -31,6 +31,8 @@ import os
 import random
 import re
 import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +199,34 @@ def _short(e: BaseException) -> str:
     return text[:160]
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check the structure of a checkpoint file (weights_only: no arbitrary pickles)."""
+def _damaged_record(path: Path) -> str | None:
+    """The first record of the checkpoint (a zip archive) whose CRC-32 does not match, or None.
+    torch.load does not check them, so a flipped bit in tensor data would load silently."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"(archive: {_short(e)})"
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Read and check a checkpoint file: weights_only (no arbitrary pickles), the structure,
+    and (verify) every record's CRC-32, checked in a thread while torch.load reads the file
+    (zlib's crc32 releases the GIL), so the check costs little wall time."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint file")
     if not path.is_file():
         raise UserError(f"{path}: not a checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - zip, pickle and weights_only errors all mean the same here
-        raise UserError(f"{path}: cannot read checkpoint (truncated or corrupt?): {_short(e)}") from None
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-crc") as pool:
+        damaged = pool.submit(_damaged_record, path) if verify else None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - zip, pickle and weights_only errors all mean the same here
+            raise UserError(f"{path}: cannot read checkpoint (truncated or corrupt?): {_short(e)}") from None
+        bad = damaged.result() if damaged else None
+    if bad:
+        raise UserError(f"{path}: checkpoint is corrupt: record {bad} fails its CRC-32 check")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint of this harness (no format={FORMAT!r} marker)")
     if ckpt.get("version") != VERSION:
