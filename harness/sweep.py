@@ -168,9 +168,12 @@ def _finite(x: Any) -> bool:
 
 
 def baseline_loss(runs: Sequence[RunRecord]) -> tuple[float | None, str]:
-    """Mean final val loss of the finished baseline runs (marked baseline, else script
-    train_gpt.py), and what it is."""
-    marked = [r for r in runs if r.baseline] or [r for r in runs if Path(r.script).name == "train_gpt.py"]
+    """Mean final val loss of the finished baseline runs (marked baseline, else those with
+    script train_gpt.py where other runs use another script), and what it is."""
+    marked = [r for r in runs if r.baseline]
+    if not marked:
+        standard = [r for r in runs if Path(r.script).name == "train_gpt.py"]
+        marked = standard if len(standard) < len(runs) else []  # all standard: nothing to compare against
     vals = [r.final_val_loss for r in marked if r.status == "finished" and _finite(r.final_val_loss)]
     if not vals:
         return None, ""
