@@ -7,8 +7,9 @@ present on every machine; ``site-packages``/``dist-packages`` are left out becau
 from machine to machine). Each file is one document; as in modded-nanogpt every document
 begins with ``<|endoftext|>`` (the BOS the loader aligns to).
 
-Determinism: files are taken in sorted relative-path order, one input after the other. The
-validation documents are chosen by a hash of their relative path (a spread-out, held-out set
+Determinism: files are listed in sorted relative-path order, one input after the other, and
+written to the token stream in a fixed shuffle (a hash of the relative path), so neighbouring
+files of one package don't form long runs of one style. The validation documents are chosen by a hash of their relative path (a spread-out, held-out set
 rather than whatever sorts last), just enough of them to reach the validation target; train
 and val never share a document. The same inputs and settings give the same bytes.
 
@@ -47,7 +48,7 @@ DEFAULT_EXTS = (".py",)
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 TRAIN_PREFIX, VAL_PREFIX = "local_train_", "local_val_"
 META_NAME = "meta.json"
-FORMAT_VERSION = 1  # bump when the output for the same inputs would change
+FORMAT_VERSION = 2  # bump when the output for the same inputs would change
 CHUNK_BYTES = 4 << 20  # text encoded per batch: bounds the batch's Python lists, feeds the progress bar
 
 
@@ -132,6 +133,17 @@ def _fingerprint(docs: list[Document], settings: dict) -> str:
 
 def _val_rank(name: str) -> bytes:
     return hashlib.sha1(name.encode()).digest()
+
+
+def _stream_rank(name: str) -> bytes:
+    return hashlib.sha1(b"stream:" + name.encode()).digest()
+
+
+def stream_order(names: list[str]) -> list[int]:
+    """A fixed pseudo-random order of documents for the token stream. Sorted file order would put
+    whole packages (and their style) next to each other, so a short run would train on a few
+    packages only and validate on the rest; a hash of the name shuffles them deterministically."""
+    return sorted(range(len(names)), key=lambda i: _stream_rank(names[i]))
 
 
 def split_train_val(lengths: list[int], names: list[str], val_target: int) -> list[bool]:
@@ -282,8 +294,10 @@ def prepare_corpus(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look finished
-    train = _write_split(out_dir, TRAIN_PREFIX, [arrays[k] for k, v in zip(kept, is_val) if not v], shard_tokens)
-    val = _write_split(out_dir, VAL_PREFIX, [arrays[k] for k, v in zip(kept, is_val) if v], shard_tokens)
+    order = [kept[i] for i in stream_order([docs[k].name for k in kept])]
+    val_set = {k for k, v in zip(kept, is_val) if v}
+    train = _write_split(out_dir, TRAIN_PREFIX, [arrays[k] for k in order if k not in val_set], shard_tokens)
+    val = _write_split(out_dir, VAL_PREFIX, [arrays[k] for k in order if k in val_set], shard_tokens)
     written = {s["file"] for s in train + val}
     for old in list(out_dir.glob(f"{TRAIN_PREFIX}*.bin")) + list(out_dir.glob(f"{VAL_PREFIX}*.bin")):
         if old.name not in written:  # leftovers of an earlier, larger build would join the stream

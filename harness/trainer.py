@@ -88,10 +88,12 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
         from data.loader import DistributedTokenLoader, val_batches  # noqa: F401  (import errors surface early)
-        from data.shards import find_shards
+        from data.shards import find_shards, read_header
 
         train_files = find_shards(cfg.train_files)
         val_files = find_shards(cfg.val_files)
+        for f in train_files + val_files:
+            read_header(f)  # magic, version and size of every shard, before anything is written
         self.val_files = val_files
         seed_everything(cfg.seed)
         shape = ModelShape.from_config(cfg)

@@ -1,0 +1,142 @@
+"""train_gpt.py end to end as a real subprocess: the log, bad input, divergence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data.shards import write_shard
+from harness.runlog import read_log
+from train_utils import error_lines, log_of, losses, run_train
+
+
+def test_small_run_writes_the_contracted_log(tmp_path, shards_dir):
+    proc = run_train(tmp_path, shards_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "logs" / "run.txt").read_text()
+    assert text.startswith("runlog:1 run_id:run\n" + "=" * 100 + "\n# source: train_gpt.py\n")
+    assert "# source: harness/trainer.py" in text and "# source: data/loader.py" in text
+    log = log_of(tmp_path)
+    assert log.ours and log.run_id == "run" and log.status == "finished"
+    assert log.config["script"] == "train_gpt.py" and log.config["world_size"] == 1
+    assert log.env["torch"] and log.env["git_commit"]
+    assert [r.step for r in log.train_steps] == [1, 2, 3, 4, 5, 6]
+    assert [r.step for r in log.val_steps] == [0, 3, 6]
+    assert all(r.total == 6 for r in log.train_steps)
+    assert log.val_steps[0].val_loss == pytest.approx(np.log(50304), abs=1e-3)  # zero-initialised head
+    assert log.final_val_loss == log.val_steps[-1].val_loss < log.val_steps[0].val_loss
+    for r in log.train_steps:
+        assert {"train_loss", "train_time", "step_avg", "lr_mul", "batch_size"} <= set(r.values)
+    assert "run log:" in proc.stdout
+
+
+def test_divergence_exits_nonzero_with_status(tmp_path, shards_dir):
+    # without the soft-cap, a head that jumps to 1e37 overflows the logits to inf and the loss to nan
+    proc = run_train(tmp_path, shards_dir, "--logit_softcap", "0", "--adam_lr_head", "1e37")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    log = log_of(tmp_path)
+    assert log.status == "diverged" and "step" in log.status_fields
+    assert any("diverged" in line for line in error_lines(proc))
+
+
+def test_crash_ends_the_log_with_failed(tmp_path, shards_dir):
+    # Adam's step size lr / (1 - beta1) no longer fits in float32: torch raises mid-step
+    proc = run_train(tmp_path, shards_dir, "--adam_lr_head", "1e38")
+    assert proc.returncode == 1
+    log = log_of(tmp_path)
+    assert log.status == "failed" and "RuntimeError" in str(log.status_fields["reason"])
+
+
+def _bad_shard(path, magic=20240520, version=1, n=1000, truncate=0):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, n
+    data = header.tobytes() + np.zeros(n, dtype="<u2").tobytes()
+    path.write_bytes(data[: len(data) - truncate])
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("missing_dir", "no shards match"),
+        ("empty_dir", "has no .bin shards"),
+        ("bad_magic", "magic"),
+        ("bad_version", "version"),
+        ("truncated", "truncated"),
+        ("short_val", "val_tokens"),
+        ("batch", "divisible by world_size x seq_len"),
+        ("preset", "preset='nope'"),
+        ("list_env", "BATCH_SIZES"),
+        ("run_id", "run_id="),
+        ("existing_log", "already exists"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, shards_dir, case, needle):
+    args, env, run_id = [], {}, "run"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    train = str(shards_dir / "local_train_*.bin")
+    if case == "missing_dir":
+        args = ["--train_files", str(tmp_path / "nowhere" / "*.bin")]
+    elif case == "empty_dir":
+        args = ["--train_files", str(bad)]
+    elif case in ("bad_magic", "bad_version", "truncated"):
+        kw = {"bad_magic": {"magic": 123}, "bad_version": {"version": 7}, "truncated": {"truncate": 10}}[case]
+        _bad_shard(bad / "x_train_000000.bin", **kw)
+        args = ["--train_files", str(bad / "x_train_*.bin")]
+    elif case == "short_val":
+        write_shard(bad / "v_000000.bin", np.arange(100) % 1000)
+        args = ["--val_files", str(bad / "v_*.bin"), "--train_files", train]
+    elif case == "batch":
+        args = ["--batch_sizes", "352,384,384,384"]  # 11 sequences of 32 cannot split over 2 ranks
+    elif case == "preset":
+        args = ["--preset", "nope"]
+    elif case == "list_env":
+        env = {"BATCH_SIZES": "12,,x"}
+    elif case == "run_id":
+        run_id = "../escape"
+    elif case == "existing_log":
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "run.txt").write_text("precious\n")
+    nproc = 2 if case == "batch" else 1
+    proc = run_train(tmp_path, shards_dir, *args, env=env, run_id=run_id, nproc=nproc)
+    # the workers exit 2; torchrun reports any failed worker as its own exit 1 (and its summary)
+    assert proc.returncode == (2 if nproc == 1 else 1), (proc.returncode, proc.stderr[-2000:])
+    errors = error_lines(proc)
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]  # rank 0 only
+    if nproc == 1:
+        assert "Traceback" not in proc.stderr
+    logs = list((tmp_path / "logs").glob("*.txt")) if (tmp_path / "logs").exists() else []
+    if case == "existing_log":
+        assert (tmp_path / "logs" / "run.txt").read_text() == "precious\n"
+    else:
+        assert logs == []  # bad input is caught before any log is written
+
+
+def test_out_of_vocabulary_tokens_are_an_error(tmp_path, shards_dir):
+    bad = tmp_path / "bad"
+    write_shard(bad / "t_000000.bin", np.full(5000, 60000))
+    proc = run_train(tmp_path, shards_dir, "--train_files", str(bad / "t_*.bin"))
+    assert proc.returncode == 2
+    (line,) = error_lines(proc)
+    assert "t_000000.bin" in line and "60000" in line and "vocab" in line
+
+
+def test_two_ranks_and_accumulation(tmp_path, shards_dir):
+    """2 gloo ranks, 2 micro-batches each: the same losses as 1 rank with 4 micro-batches."""
+    one = run_train(tmp_path / "a", shards_dir)
+    two = run_train(tmp_path / "b", shards_dir, nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    la, lb = log_of(tmp_path / "a"), log_of(tmp_path / "b")
+    assert lb.config["world_size"] == 2 and lb.env["backend"] == "gloo"
+    np.testing.assert_allclose(losses(la), losses(lb), rtol=2e-5, atol=2e-5)
+
+
+def test_config_line_has_tag_and_assignment(tmp_path, shards_dir):
+    proc = run_train(tmp_path, shards_dir, "--tag", "mytag", "--seed", "3", "--num_scheduled_iterations", "1",
+                     "--val_loss_every", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = read_log(tmp_path / "logs" / "run.txt").config
+    assert cfg["tag"] == "mytag" and cfg["seed"] == 3
+    assert cfg["param_assignment"]["blocks.0.attn.qkv"] == "muon"
+    assert cfg["param_assignment"]["lm_head.weight"] == "adam_head"
+    json.dumps(cfg)
