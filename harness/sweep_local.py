@@ -1,8 +1,10 @@
 """Running a sweep's runs on this machine: sequentially, K at once on CPU (`--parallel K`), or
 packed onto disjoint GPU sets when a run needs fewer GPUs than the node has.
 
-Each run is its own process group (start_new_session), so the launcher can stop a run with
-everything it spawned: torchrun's workers would outlive a SIGKILLed torchrun otherwise.
+Each run is its own process group (start_new_session), so a signal reaches the run and not
+the launcher's terminal. torchrun puts its workers in sessions of their own, and they outlive a
+SIGKILLed torchrun: every run's environment carries a mark, and when a run ends the launcher
+SIGKILLs whatever still carries it.
 Concurrent torchrun runs use `--standalone`: its c10d store binds port 0, so the kernel hands
 each run its own free port (no port list to manage, no race between picking and binding).
 """
@@ -185,6 +187,7 @@ class LocalExecutor:
         env = dict(os.environ if self.env is None else self.env)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        env[MARK_VAR] = self._token(rec)
         out = open(rec.output, "ab")
         proc = subprocess.Popen(rec.command, cwd=self.repo_root, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -192,8 +195,11 @@ class LocalExecutor:
         rec.exit_code, rec.reason, rec.ended = None, "", None
         return _Live(rec, proc, out, time.monotonic())
 
+    def _token(self, rec: RunRecord) -> str:
+        return f"{self.manifest.sweep_id}/{rec.run_id}"
+
     def _finish(self, l: _Live, code: int, status: str | None = None) -> None:
-        _killpg(l.proc.pid, signal.SIGKILL)  # whatever the run left behind (orphaned workers)
+        kill_run_tree(l.proc.pid, self._token(l.rec))  # whatever the run left behind (orphaned workers)
         l.out.close()
         record_outcome(l.rec, self.manifest.log_dir, code, status)
         self.manifest.save()
@@ -219,7 +225,7 @@ class LocalExecutor:
             time.sleep(POLL_S)
         for l in live.values():
             if l.proc.poll() is None:
-                _killpg(l.proc.pid, signal.SIGKILL)
+                kill_run_tree(l.proc.pid, self._token(l.rec))
                 l.proc.wait()
             self._finish(l, l.proc.returncode, status="interrupted")
             self.say(f"{l.rec.status} {l.rec.run_id} exit {l.rec.exit_code}")
@@ -231,3 +237,37 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+MARK_VAR = "LAUNCH_LR_SWEEP_RUN"  # set in each run's environment; every descendant inherits it
+
+
+def marked_processes(token: str) -> list[int]:
+    """Processes whose environment carries MARK_VAR=token: a run's whole tree, including
+    workers that torchrun started in sessions of their own and that outlived it (Linux /proc;
+    elsewhere an empty list, and only the process group is reached)."""
+    needle = b"\0" + f"{MARK_VAR}={token}".encode() + b"\0"
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in b"\0" + f.read() + b"\0":
+                    out.append(int(name))
+        except OSError:
+            pass
+    return out
+
+
+def kill_run_tree(pgid: int, token: str) -> None:
+    _killpg(pgid, signal.SIGKILL)
+    for pid in marked_processes(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

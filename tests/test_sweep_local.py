@@ -200,9 +200,9 @@ def _running_with_steps(logs: Path, n: int):
 def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     logs = tmp_path / "logs"
     sweep = tmp_path / "ord.toml"
-    sweep.write_text('name = "ord"\n[defaults]\nseeds = [0, 1]\n[[grids]]\ntag = "ord"\nscript = "train_gpt_muon_new.py"\n'
+    sweep.write_text('name = "ord"\n[defaults]\nseeds = [0]\n[[grids]]\ntag = "ord"\nscript = "train_gpt_muon_new.py"\n'
                      "[grids.axes]\nspectral_lr_mul = [0.0, 1.0]\n")
-    launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log-dir", str(logs), *tiny_sets(8)],
+    launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log-dir", str(logs), *tiny_sets(6)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         (victim,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the first run's first step")
@@ -220,15 +220,15 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert not processes_mentioning(victim["run_id"])  # its orphaned worker was stopped too
     assert read_log(log_path(logs, victim["run_id"])).status is None
     others = [x for x in doc["runs"] if x["run_id"] != victim["run_id"]]
-    assert len(others) == 3 and all(x["status"] == "finished" and x["final_val_loss"] > 0 for x in others)
+    assert len(others) == 1 and all(x["status"] == "finished" and x["final_val_loss"] > 0 for x in others)
     spans = sorted((x["started"], x["ended"]) for x in doc["runs"])
-    assert all(spans[i][1] <= spans[i + 1][0] for i in range(3))  # sequential by default
+    assert spans[0][1] <= spans[1][0]  # sequential by default
     # resume: only the killed run again, under a new run id; the old log is left as it was
     old_log = log_path(logs, victim["run_id"]).read_bytes()
     r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--log-dir", str(logs)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 run(s) to do of 4" in r.stdout
+    assert "1 run(s) to do of 2" in r.stdout
     doc2 = manifest_doc(logs)
     assert all(x["status"] == "finished" for x in doc2["runs"])
     again = next(x for x in doc2["runs"] if x["key"] == victim["key"])
