@@ -1,0 +1,80 @@
+"""The Slurm executor: the job scripts, and two tiny runs of the real trainer submitted to a
+real one-node Slurm cluster (tests/slurm_cluster.py; skipped, with the reason, where the
+daemons cannot start)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+
+from harness.runlog import log_path, read_log
+from harness.sweep_manifest import RunRecord
+from harness.sweep_slurm import SlurmOptions, sbatch_script
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
+TINY = ["num_layers=1", "model_dim=32", "num_heads=2", "seq_len=32", "batch_sizes=64,64,64,64",
+        "device_batch_tokens=64", "val_tokens=64", "num_extension_iterations=0", "val_loss_every=0",
+        "num_scheduled_iterations=3"]
+
+
+def _rec(nproc: int) -> RunRecord:
+    return RunRecord(key="k", tag="t", seed=0, script="train_gpt.py", nproc=nproc, baseline=False, swept={}, fields={},
+                     run_id="lrmul-1-cd0.55-t-20260101-000000", command=["python", "train_gpt.py", "--run_id", "x y"])
+
+
+def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
+    text = sbatch_script(_rec(1), ["--run_id", "x y"], SlurmOptions(partition="cpu", time="00:30:00", gpus_per_node=0),
+                         Path("/repo"), tmp_path / "o.%j.out", python="/venv/bin/python")
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert "#SBATCH --partition=cpu" in lines and "#SBATCH --time=00:30:00" in lines and "#SBATCH --nodes=1" in lines
+    assert "#SBATCH --signal=B:TERM@120" in lines and f"#SBATCH --output={tmp_path}/o.%j.out" in lines
+    assert not any("gpus" in l for l in lines)  # CPU nodes: no GPU request
+    assert "cd /repo" in lines and lines[-1] == "exec /venv/bin/python train_gpt.py --run_id 'x y'"
+
+    text = sbatch_script(_rec(8), ["--tag", "t"], SlurmOptions(nodes=2, extra=["--qos=high"]), Path("/repo"),
+                         tmp_path / "o.out", python="/venv/bin/python")
+    assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --nodes=2" in text and "#SBATCH --qos=high" in text
+    assert "--time" not in text and "--partition" not in text
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
+    last = text.splitlines()[-1]
+    assert last.startswith("exec srun --nodes=$SLURM_NNODES --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    assert ('--nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint="$head:$port" '
+            '--rdzv-id="$SLURM_JOB_ID" train_gpt.py --tag t') in last
+    # a bash syntax check of both scripts
+    for script in (text,):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path):  # noqa: F811
+    logs = tmp_path / "logs"
+    sets = [a for s in TINY for a in ("--set", s)]
+    r = subprocess.run([*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00",
+                        "--gpus-per-node", "0", "--poll", "0.5", "--grid", "spectral_lr_mul=0,1",
+                        "--script", "train_gpt_muon_new.py", "--tag", "ord", "--log-dir", str(logs), *sets],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
+    assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
+    (path,) = (logs / "sweeps").glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["executor"]["kind"] == "slurm" and doc["executor"]["slurm"]["partition"] == slurm_cluster.partition
+    assert [x["tag"] for x in doc["runs"]] == ["ord_0", "ord_1"]
+    job_ids = set()
+    for x in doc["runs"]:
+        assert (x["status"], x["exit_code"]) == ("finished", 0), x
+        job_ids.add(x["job_id"])
+        log = read_log(log_path(logs, x["run_id"]))
+        assert log.finished and x["final_val_loss"] == log.final_val_loss
+        assert log.config["tag"] == x["tag"] and log.config["spectral_lr_mul"] == x["swept"]["spectral_lr_mul"]
+        assert log.config["ord"] is True and log.config["script"] == "train_gpt_muon_new.py"
+        # the job's console output and its script sit next to the manifest
+        out = Path(x["output"])
+        assert out.name == f"{x['run_id']}.{x['job_id']}.out" and "status:finished" in out.read_text()
+        script = (logs / "sweeps" / doc["sweep_id"] / f"{x['run_id']}.sbatch").read_text()
+        assert f"#SBATCH --partition={slurm_cluster.partition}" in script and "--gpus" not in script
+    assert len(job_ids) == 2 and all(j.isdigit() for j in job_ids)
+    assert "submitted " in r.stdout and "finished" in r.stdout.split("#  tag")[1]
