@@ -142,27 +142,20 @@ def build_state(cfg: Config, info: hdist.DistInfo, *, step: int, model: torch.nn
 
 
 def write_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over `path`: a crash
-    at any moment leaves either the old state or the complete new file, never a partial one."""
+    """torch.save to a temp file in the same directory, then rename it over `path`: a process
+    killed at any moment leaves either no file or the complete one under that name.
+
+    No fsync: it tripled the save time here (the write waits for the disk instead of the page
+    cache) and guards only against a machine crash, after which a torn file fails load()'s
+    CRC-32 check and `latest` falls back to the previous checkpoint (keep_last >= 2)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def prune(directory: Path, keep_last: int) -> None:
