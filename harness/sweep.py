@@ -20,7 +20,7 @@ from harness.config import RUN_ID_PATTERN
 from harness.errors import UserError
 from harness.runlog import log_path
 from harness.runs import sweep_manifest_path
-from harness.sweep_local import launch_prefix
+from harness.sweep_local import launch_prefix, marked_processes
 from harness.sweep_manifest import ACTIVE, Manifest, RunRecord, read_run_log
 from harness.sweep_spec import RunPlan, SweepSpec, expand, run_id_for, timestamp, validate_run
 
@@ -91,6 +91,9 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
     if manifest.launcher_pid and manifest.launcher_pid != os.getpid() and _alive(manifest.launcher_pid) \
             and any(r.status == "running" and not r.job_id for r in manifest.runs):
         raise UserError(f"sweep {manifest.sweep_id} is still running (launcher pid {manifest.launcher_pid}); stop it first")
+    for rec in manifest.runs:
+        if rec.status == "running" and not rec.job_id and marked_processes(f"{manifest.sweep_id}/{rec.run_id}"):
+            raise UserError(f"run {rec.run_id} of sweep {manifest.sweep_id} is still running; stop it first")
     active_jobs = {}
     jobs = [r.job_id for r in manifest.runs if r.job_id and r.status in ACTIVE]
     if jobs and slurm_active is not None:

@@ -257,8 +257,8 @@ class RunPlan:
     swept: dict[str, Any]  # the grid values of this run
 
     def flags(self, run_id: str, log_dir: str, resume: str | None = None) -> list[str]:
-        out = ["--preset", value_text(self.fields.get("preset", "tiny")), "--run_id", run_id, "--tag", self.tag,
-               "--seed", str(self.seed), "--log_dir", log_dir]
+        out = ["--preset", value_text(self.fields["preset"])] if "preset" in self.fields else []
+        out += ["--run_id", run_id, "--tag", self.tag, "--seed", str(self.seed), "--log_dir", log_dir]
         for name, value in self.fields.items():
             if name != "preset":
                 out += [f"--{name}", value_text(value)]

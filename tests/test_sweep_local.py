@@ -261,3 +261,37 @@ def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
         log = read_log(log_path(logs, x["run_id"]))
         assert log.status == "interrupted" and not log.finished  # the trainer wrote its own status line
     assert [x["exit_code"] for x in doc["runs"]] == [130, 130]
+
+
+def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_path):
+    from harness.sweep import plan_resume
+
+    def rec(tag, status):
+        r = _rec(tag, 0, status, None, script="train_gpt.py")
+        r.command = [sys.executable, "train_gpt.py", "--run_id", r.run_id]
+        return r
+
+    head = "runlog:1 run_id:{}\nstep:2/4 train_time:1ms step_avg:1ms train_loss:5.0\n"
+    ends = {"fin": "step:4/4 val_loss:3.5 train_time:1ms step_avg:1ms\nstatus:finished final_val_loss:3.5000 step:4\n",
+            "pre": "status:preempted step:2\n", "div": "status:diverged step:2\n", "bad": "status:failed reason:X step:2\n",
+            "dead": ""}
+    m = Manifest(sweep_id="s-2", log_dir=str(tmp_path), runs=[rec(t, "running") for t in [*ends, "never"]])
+    m.runs[-1].status = "pending"
+    for r in m.runs[:-1]:
+        log_path(tmp_path, r.run_id).write_text(head.format(r.run_id) + ends[r.tag])
+    old = {r.tag: r.run_id for r in m.runs}
+    todo = plan_resume(m, python=sys.executable)
+    by_tag = {r.tag: r for r in m.runs}
+    assert [r.tag for r in todo] == ["pre", "div", "bad", "dead", "never"]
+    assert by_tag["fin"].status == "finished" and by_tag["fin"].final_val_loss == 3.5 and by_tag["fin"].run_id == old["fin"]
+    pre = by_tag["pre"]
+    assert pre.run_id == old["pre"] and pre.command[-2:] == ["--resume", "latest"] and pre.status == "pending"
+    for tag in ("div", "bad", "dead", "never"):
+        r = by_tag[tag]
+        assert r.run_id != old[tag] and r.run_id.startswith(f"{tag}-") and "--resume" not in r.command
+        assert r.attempts[-1]["run_id"] == old[tag] and r.command[r.command.index("--run_id") + 1] == r.run_id
+    assert by_tag["bad"].attempts[-1]["status"] == "running"
+    # diverged results can be kept
+    m2 = Manifest(sweep_id="s-3", log_dir=str(tmp_path), runs=[rec("div", "diverged")])
+    m2.runs[0].run_id = old["div"]
+    assert plan_resume(m2, keep_diverged=True) == []
