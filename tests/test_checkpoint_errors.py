@@ -14,6 +14,7 @@ import torch
 from checkpoint_runs import TINY
 from harness import checkpoint as ck
 from harness.errors import UserError
+from harness.runlog import read_log
 from harness.trainer import main
 
 
@@ -134,3 +135,15 @@ def test_latest_skips_a_damaged_newest_checkpoint(saved, tmp_path, capsys):
     (d / "step_2.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="no valid checkpoint among 2"):
         ck.resolve(cfg)
+
+
+def test_resume_ends_a_log_line_cut_by_the_kill(saved, capsys):
+    tmp, path, log = saved
+    with open(log, "a") as f:
+        f.write("step:3/2 train_ti")  # what a kill in the middle of a write could leave
+    assert _main(tmp, "--resume", str(path)) == 0, capsys.readouterr().err
+    lines = log.read_text().splitlines()
+    i = lines.index("step:3/2 train_ti")
+    assert lines[i + 1] == "resumed from step 2"
+    parsed = read_log(log)
+    assert parsed.status == "finished" and parsed.resumed_from[-1] == 2
