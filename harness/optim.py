@@ -308,6 +308,9 @@ class ShardedMuon:
             entry: dict = {"shape": list(g.shape), "names": [r.name for r in g.refs]}
             for key in ("momentum", "second_moment"):
                 shard = getattr(g, key)
+                if self.info.world_size == 1:  # the shard is the whole state: no copy
+                    entry[key] = shard.cpu()
+                    continue
                 full = torch.empty(g.padded, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
                 hdist.all_gather_async(full, shard)()
                 # clone the unpadded part: torch.save writes a view's whole storage
