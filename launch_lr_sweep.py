@@ -83,8 +83,7 @@ def _slurm_options(args, saved: dict) -> SlurmOptions:
             setattr(base, attr, value)
     if args.sbatch_arg:
         base.extra = list(args.sbatch_arg)
-    if args.no_wait:
-        base.wait = False
+    base.wait = not args.no_wait  # per call: a --resume of a --no-wait sweep waits unless told otherwise
     if base.nodes < 1:
         raise UserError(f"--nodes {base.nodes}: must be >= 1")
     return base

@@ -156,7 +156,8 @@ class SlurmExecutor:
         self.manifest.run_dir.mkdir(parents=True, exist_ok=True)
         for rec in todo:
             if rec.status == "submitted" and rec.job_id:
-                continue  # still queued from an earlier launch (resume): wait for it
+                self.say(f"waiting for {rec.run_id} (job {rec.job_id}, queued earlier)")
+                continue  # still queued from an earlier launch (resume): wait for it, never resubmit
             path, text = self.script_for(rec)
             path.write_text(text)
             rec.job_id = submit(path)

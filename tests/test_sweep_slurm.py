@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from harness.runlog import log_path, read_log
@@ -51,9 +53,10 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
-def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("no_wait", [False, True], ids=["wait", "no-wait-then-resume"])
+def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path, no_wait):  # noqa: F811
     logs = tmp_path / "logs"
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = [a for s in TINY for a in ("--set", s)] + (["--no-wait"] if no_wait else [])
     r = subprocess.run([*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00",
                         "--gpus-per-node", "0", "--poll", "0.5", "--grid", "spectral_lr_mul=0,1",
                         "--script", "train_gpt_muon_new.py", "--tag", "ord", "--log-dir", str(logs), *sets],
@@ -61,6 +64,16 @@ def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path):  # noqa
     assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
     (path,) = (logs / "sweeps").glob("*.json")
     doc = json.loads(path.read_text())
+    if no_wait:
+        # submitted and returned; --resume waits for the queued jobs (never resubmits them) and summarizes
+        assert "submitted; follow with: python monitor_runs.py --sweep" in r.stdout
+        submitted = {x["run_id"]: x["job_id"] for x in doc["runs"]}
+        assert all(x["status"] in ("submitted", "running") for x in doc["runs"])
+        r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--poll", "0.5", "--log-dir", str(logs)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
+        assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
+        doc = json.loads(path.read_text())
+        assert {x["run_id"]: x["job_id"] for x in doc["runs"]} == submitted
     assert doc["executor"]["kind"] == "slurm" and doc["executor"]["slurm"]["partition"] == slurm_cluster.partition
     assert [x["tag"] for x in doc["runs"]] == ["ord_0", "ord_1"]
     job_ids = set()
@@ -77,4 +90,8 @@ def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path):  # noqa
         script = (logs / "sweeps" / doc["sweep_id"] / f"{x['run_id']}.sbatch").read_text()
         assert f"#SBATCH --partition={slurm_cluster.partition}" in script and "--gpus" not in script
     assert len(job_ids) == 2 and all(j.isdigit() for j in job_ids)
-    assert "submitted " in r.stdout and "finished" in r.stdout.split("#  tag")[1]
+    if no_wait:  # (jobs that ended before the resume started are simply read back)
+        assert "waiting for " in r.stdout or "0 run(s) to do of 2" in r.stdout
+    else:
+        assert "submitted " in r.stdout
+    assert "finished" in r.stdout.split("#  tag")[1]
