@@ -295,3 +295,23 @@ def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_pa
     m2 = Manifest(sweep_id="s-3", log_dir=str(tmp_path), runs=[rec("div", "diverged")])
     m2.runs[0].run_id = old["div"]
     assert plan_resume(m2, keep_diverged=True) == []
+
+
+@pytest.mark.cuda
+def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("packing needs a node with at least 2 GPUs")
+    logs = tmp_path / "logs"
+    r = subprocess.run([*LAUNCHER, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py",
+                        "--log-dir", str(logs), "--set", "compile=off", *tiny_sets(20)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = manifest_doc(logs)
+    gpus = [x["gpus"] for x in doc["runs"]]
+    assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1]  # disjoint CUDA_VISIBLE_DEVICES
+    (a0, a1), (b0, b1) = sorted((x["started"], x["ended"]) for x in doc["runs"])
+    assert b0 < a1  # side by side, without --parallel
+    for x in doc["runs"]:
+        assert read_log(log_path(logs, x["run_id"])).env["device"] != "cpu"
