@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if slurm:
         require_slurm()
-    print(f"sweep {manifest.sweep_id}: {len(todo)} run(s) to do of {len(manifest.runs)}; manifest {manifest.path}", flush=True)
+    print(f"sweep {manifest.sweep_id}: {len(todo)} run(s) to do of {len(manifest.runs)}; manifest {manifest.path}; "
+          f"run outputs in {manifest.run_dir}/", flush=True)
     manifest.save()
     completed = executor.run(todo) if todo else True
     manifest.save()
@@ -168,3 +169,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before any run started (while validating or submitting)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

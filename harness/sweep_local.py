@@ -168,7 +168,8 @@ class LocalExecutor:
                 live[key] = self._start(rec, gpus)
                 self.say(f"[{done + len(live)}/{total}] start {rec.run_id} (pid {rec.pid}"
                          + (f", GPUs {','.join(gpus)}" if gpus else "") + ")")
-            self.manifest.save()
+            if starts:
+                self.manifest.save()
             time.sleep(POLL_S)
             for key in list(live):
                 l = live[key]
