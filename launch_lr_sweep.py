@@ -17,7 +17,6 @@ and final val loss. Exit status: 0 all runs finished, 1 some did not, 2 bad inpu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

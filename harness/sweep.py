@@ -12,7 +12,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

@@ -3,7 +3,6 @@ everything with one line before anything starts. No training here (fast)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
