@@ -1,0 +1,71 @@
+"""Step-time overhead of ORD on the tiny preset on CPU (goal < 3%).
+
+    python bench/ord_overhead.py [--steps 6] [--rounds 3]
+
+One process, one model shape, random tokens: full training steps (forward, backward, NorMuon
++ Adam) with the standard update and with ORD (spectral_lr_mul 0.1), alternating in rounds so
+drift of the machine hits both alike; prints the median step time of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.config import load_config  # noqa: E402
+from harness.dist import DistInfo  # noqa: E402
+from harness.malloc import keep_freed_memory  # noqa: E402
+from harness.model import GPT, ModelShape  # noqa: E402
+from harness.optim import Optimizers  # noqa: E402
+
+
+def make(overrides: dict):
+    cfg = load_config([], env={}, overrides=overrides)
+    torch.manual_seed(0)
+    model = GPT(ModelShape.from_config(cfg))
+    opt = Optimizers(model, cfg, DistInfo(0, 1, 0, torch.device("cpu"), None))
+    return cfg, model, opt
+
+
+def step_times(cfg, model, opt, steps: int) -> list[float]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 50257, (cfg.device_batch_tokens // cfg.seq_len, cfg.seq_len), generator=g)
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(x, x).backward()
+        opt.step(1.0, 0.95)
+        opt.zero_grad()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    keep_freed_memory()
+    variants = {"standard": make({"ord": False}), "ord(0.1)": make({"ord": True, "spectral_lr_mul": 0.1})}
+    times = {k: [] for k in variants}
+    for name, v in variants.items():
+        step_times(*v, 1)  # warm-up
+    for _ in range(args.rounds):
+        for name, v in variants.items():
+            times[name] += step_times(*v, args.steps)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    for k, m in med.items():
+        print(f"{k:10s} median step {m * 1e3:8.1f} ms over {len(times[k])} steps")
+    print(f"ORD overhead: ratio {med['ord(0.1)'] / med['standard']:.3f} (goal < 1.03)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

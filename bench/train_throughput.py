@@ -1,0 +1,51 @@
+"""Tiny-preset training throughput on CPU at 1 and 2 ranks (real train_gpt.py runs).
+
+    python bench/train_throughput.py [--steps 12]
+
+Each run trains the tiny preset's first stage (batch 2048 tokens) for --steps steps with no
+validation except the compulsory first and last; tokens/s = tokens per step / step_avg, where
+step_avg excludes the first two steps (warm-up). Prints both and the ratio 2 ranks / 1 rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.runlog import read_log  # noqa: E402
+
+
+def run(nproc: int, steps: int, out: Path) -> float:
+    py = Path(sys.executable)
+    cmd = [str(py), "train_gpt.py"] if nproc == 1 else \
+        [str(py.parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
+    cmd += ["--preset", "tiny", "--run_id", f"bench{nproc}", "--log_dir", str(out), "--val_loss_every", "0",
+            "--val_tokens", "4096", "--num_scheduled_iterations", str(steps), "--num_extension_iterations", "0",
+            "--batch_sizes", "2048,2048,2048,2048"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // nproc or 1)})
+    log = read_log(out / f"bench{nproc}.txt")
+    t = {r.step: r.train_time_ms for r in log.train_steps}
+    per_step_ms = (t[steps] - t[2]) / (steps - 2)
+    return 2048 / (per_step_ms / 1000)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        r1 = run(1, args.steps, Path(tmp))
+        r2 = run(2, args.steps, Path(tmp))
+    print(f"tiny preset, CPU: 1 rank {r1:8.0f} tokens/s, 2 ranks {r2:8.0f} tokens/s, ratio {r2 / r1:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
