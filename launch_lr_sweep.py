@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if slurm:
         require_slurm()
+    else:
+        executor.check(todo)
     print(f"sweep {manifest.sweep_id}: {len(todo)} run(s) to do of {len(manifest.runs)}; manifest {manifest.path}; "
           f"run outputs in {manifest.run_dir}/", flush=True)
     manifest.save()

@@ -136,12 +136,16 @@ class LocalExecutor:
             self.force = True  # a second Ctrl-C: no more grace
         self.stop_signal = signum
 
+    def check(self, todo: list[RunRecord]) -> None:
+        """Refuse, before anything starts, a run that needs more GPUs than the node has."""
+        too_big = [r for r in todo if self.gpus and r.nproc > len(self.gpus)]
+        if too_big:
+            raise UserError(f"run {too_big[0].tag} needs {too_big[0].nproc} GPUs; this node has {len(self.gpus)}"
+                            f" ({','.join(self.gpus)}; see --gpus, or --slurm)")
+
     def run(self, todo: list[RunRecord]) -> bool:
         """Run `todo`; returns False when stopped by a signal."""
-        if self.gpus:
-            too_big = [r for r in todo if r.nproc > len(self.gpus)]
-            if too_big:
-                raise UserError(f"run {too_big[0].tag} needs {too_big[0].nproc} GPUs; this node has {len(self.gpus)}")
+        self.check(todo)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.manifest.launcher_pid = os.getpid()
         try:

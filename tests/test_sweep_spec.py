@@ -87,6 +87,7 @@ def test_flags_grid_product_baseline_and_list_fields(tmp_path):
     (["--grid", "muon_lr=0.1", "--script", "nope.py"], "script='nope.py' is not a training script"),
     (["--set", "batch_sizes=100,100,100,100", "--grid", "muon_lr=0.1"], "must be a multiple of seq_len"),
     (["--resume", "no-such-sweep"], "no manifest for sweep 'no-such-sweep'"),
+    (["--grid", "muon_lr=0.1", "--nproc", "4", "--gpus", "0,1"], "run muon_lr_0.1 needs 4 GPUs; this node has 2"),
 ])
 def test_bad_input_one_line_exit_2_nothing_started(tmp_path, args, needle):
     r = _launch(*args, "--log-dir", str(tmp_path / "logs"))
