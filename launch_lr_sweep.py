@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_lr_sweep.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="launch_lr_sweep.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("sweep_file", nargs="?", help="a sweep TOML file (sweeps/*.toml)")
     d = p.add_argument_group("declaring runs (on top of the file, or alone)")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--python", default=sys.executable, help="Python that runs the trainer (default: this one)")
     s = p.add_argument_group("Slurm")
     s.add_argument("--slurm", action="store_true", help="one sbatch job per run")
-    s.add_argument("--partition")
+    s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     s.add_argument("--time", help="job time limit, e.g. 02:00:00 (SIGTERM --signal-s before it: checkpoint)")
     s.add_argument("--nodes", type=int, help="nodes per run (default 1)")
     s.add_argument("--gpus-per-node", type=int, help="default: the run's nproc; 0 for CPU nodes")
