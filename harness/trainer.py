@@ -4,6 +4,11 @@ One run: resolve and validate the config, set up the process group, open the run
 then alternate validation and training steps following the schedule. The global batch is fixed
 in tokens whatever the world size: each rank gets its share and accumulates gradients over
 micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
+
+Checkpoints (harness/checkpoint.py): `--save_every N`, `--save_final`, `--resume PATH|latest`
+(same run id, same log, a `resumed from step N` line). SIGTERM (Slurm, or torchrun forwarding
+it) stops every rank at the end of the current step with a checkpoint, `status:preempted step:N`
+in the log and exit code 0 (EXIT_PREEMPTED).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint_runs import TINY
 from harness import checkpoint as ck
+from harness.config import Config
 from harness.errors import UserError
 from harness.runlog import read_log
 from harness.trainer import main
@@ -128,7 +129,7 @@ def test_latest_skips_a_damaged_newest_checkpoint(saved, tmp_path, capsys):
     d.mkdir(parents=True)
     (d / "step_2.pt").write_bytes(path.read_bytes())
     (d / "step_4.pt").write_bytes(path.read_bytes()[:1000])
-    cfg = ck.Config(run_id="r", resume="latest", checkpoint_dir=str(tmp_path / "ckpt"))
+    cfg = Config(run_id="r", resume="latest", checkpoint_dir=str(tmp_path / "ckpt"))
     chosen, ckpt = ck.resolve(cfg)
     assert chosen == d / "step_2.pt" and ckpt["step"] == 2
     assert "skipping damaged checkpoint" in capsys.readouterr().err
