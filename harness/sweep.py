@@ -21,7 +21,7 @@ from harness.runlog import log_path
 from harness.runs import sweep_manifest_path
 from harness.sweep_local import launch_prefix, marked_processes
 from harness.sweep_manifest import ACTIVE, Manifest, RunRecord, read_run_log
-from harness.sweep_spec import RunPlan, SweepSpec, expand, run_id_for, timestamp, validate_run
+from harness.sweep_spec import RunPlan, SweepSpec, expand, resolved_config, run_id_for, timestamp, validate_run
 
 EXIT_OK, EXIT_RUNS_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -69,7 +69,7 @@ def create_sweep(
     manifest = Manifest(sweep_id=sweep_id, log_dir=log_dir, source=spec.source, argv=list(argv))
     taken: set[str] = set()
     for plan in plans:
-        rid = _unique_run_id(run_id_for(plan, stamp, with_seed), log_dir, taken)
+        rid = _unique_run_id(run_id_for(plan, stamp, with_seed, resolved_config(plan, log_dir)), log_dir, taken)
         taken.add(rid)
         validate_run(plan, rid, log_dir, nodes=nodes)
         manifest.runs.append(RunRecord(
@@ -119,7 +119,8 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
             resume = "latest"
         else:
             resume = None
-            rec.run_id = _unique_run_id(run_id_for(plan, stamp, with_seed), manifest.log_dir, taken)
+            cfg = resolved_config(plan, manifest.log_dir)
+            rec.run_id = _unique_run_id(run_id_for(plan, stamp, with_seed, cfg), manifest.log_dir, taken)
             taken.add(rec.run_id)
         validate_run(plan, rec.run_id, manifest.log_dir, nodes=nodes)
         rec.command = _command(plan, rec.run_id, manifest.log_dir, python, use_torchrun, resume)

@@ -351,10 +351,20 @@ def timestamp(t: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if t is None else t))
 
 
-def run_id_for(plan: RunPlan, stamp: str, with_seed: bool) -> str:
-    """`lrmul-1-1.52-1.73-1-cd0.55-<tag>[-s<seed>]-<stamp>`: the schedule first, so runs of one
-    schedule sort together; the seed only where the sweep has several."""
-    f = plan.fields
+def resolved_config(plan: RunPlan, log_dir: str, env: Mapping[str, str] | None = None):
+    """The Config the trainer will build from this run's flags (preset, env and flags)."""
+    try:
+        return load_config(plan.flags("", log_dir), env=os.environ if env is None else env,
+                           overrides={"script": Path(plan.script).name})
+    except UserError as e:
+        raise UserError(f"run {plan.tag} seed {plan.seed}: {e}") from None
+
+
+def run_id_for(plan: RunPlan, stamp: str, with_seed: bool, cfg=None) -> str:
+    """`lrmul-1-1.52-1.73-1-cd0.55-<tag>[-s<seed>]-<stamp>`: the schedule first (as resolved in
+    `cfg`, else as set by the sweep), so runs of one schedule sort together; the seed only where
+    the sweep has several."""
+    f = plan.fields if cfg is None else {"lr_muls": cfg.lr_muls, "cooldown_frac": cfg.cooldown_frac}
     parts = []
     if "lr_muls" in f:
         parts.append(f"lrmul-{short_text(f['lr_muls'])}")

@@ -288,7 +288,7 @@ def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_pa
     assert pre.run_id == old["pre"] and pre.command[-2:] == ["--resume", "latest"] and pre.status == "pending"
     for tag in ("div", "bad", "dead", "never"):
         r = by_tag[tag]
-        assert r.run_id != old[tag] and r.run_id.startswith(f"{tag}-") and "--resume" not in r.command
+        assert r.run_id != old[tag] and r.run_id.startswith(f"lrmul-1-1-1-1-cd0.5-{tag}-") and "--resume" not in r.command
         assert r.attempts[-1]["run_id"] == old[tag] and r.command[r.command.index("--run_id") + 1] == r.run_id
     assert by_tag["bad"].attempts[-1]["status"] == "running"
     # diverged results can be kept
