@@ -139,3 +139,20 @@ def test_zero_gradient_metrics_are_nan_not_errors(tmp_path):
     diag.end(0)
     for _, _, m in diag.take_records():
         assert math.isnan(m["eff_rank"]) and m["fro"] == 0.0
+
+
+def test_under_ord_the_ns_effect_is_measured_on_g_perp(tmp_path):
+    from harness.optim import ord_decompose
+
+    cfg, model, opt, diag = setup(tmp_path, ord=True, spectral_lr_mul=0.5)
+    grads, before = one_step(model, opt, diag)
+    records = {layer: m for _, layer, m in diag.take_records()}
+    r = next(r for g in opt.muon.groups for r in g.refs if r.name.endswith("mlp.fc.weight"))
+    grad, W0 = grads[r.name], before[r.name]
+    G = grad.lerp(grad * 0.1, 0.9)
+    _, _, G_perp = ord_decompose(G, W0, cfg.spectral_proj_eps)
+    O = orthogonalize(G_perp)
+    m = records[r.name]
+    assert m["ns_angle_deg"] == pytest.approx(sp.ns_effect(G_perp, O).angle_deg.item(), rel=1e-4)
+    assert m["rank_ratio"] == pytest.approx(m["eff_rank_ns"] / sp.effective_rank(G_perp).item(), rel=1e-4)
+    assert m["eff_rank_mom"] == pytest.approx(sp.effective_rank(G).item(), rel=1e-4)
