@@ -315,3 +315,33 @@ def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
     assert b0 < a1  # side by side, without --parallel
     for x in doc["runs"]:
         assert read_log(log_path(logs, x["run_id"])).env["device"] != "cpu"
+
+
+def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
+    """SIGTERM to the launcher (what Slurm sends it) reaches the run: the trainer checkpoints and
+    writes status:preempted; --resume continues that run id with --resume latest, same log."""
+    logs = tmp_path / "logs"
+    launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
+                                 "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        (run,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the run's first step")
+        launcher.send_signal(signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, out
+    (x,) = manifest_doc(logs)["runs"]
+    log = read_log(log_path(logs, run["run_id"]))
+    assert log.status == "preempted" and (x["status"], x["exit_code"]) == ("preempted", 0), out
+    stopped_at = int(log.status_fields["step"])
+    assert 1 <= stopped_at < 8
+    r = subprocess.run([*LAUNCHER, "--resume", manifest_doc(logs)["sweep_id"], "--log-dir", str(logs)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (x,) = manifest_doc(logs)["runs"]
+    assert x["run_id"] == run["run_id"] and x["command"][-2:] == ["--resume", "latest"] and x["status"] == "finished"
+    log = read_log(log_path(logs, run["run_id"]))
+    assert log.finished and log.resumed_from == [stopped_at] and log.last_step == 8
+    assert x["final_val_loss"] == log.final_val_loss and x["attempts"][0]["status"] == "preempted"
