@@ -30,3 +30,12 @@ def shards_dir(tmp_path_factory) -> Path:
     from train_utils import make_small_shards
 
     return make_small_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_corpus() -> Path:
+    """The default shards (data/local, what `make demo` trains on), which the tests that run the
+    trainer with its default paths need. Built once from the stdlib (seconds); a no-op when up to date."""
+    from data.prepare_corpus import prepare_corpus
+
+    return Path(prepare_corpus(out_dir=ROOT / "data" / "local", progress=False)["out_dir"])
