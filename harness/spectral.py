@@ -30,8 +30,10 @@ def _work(M: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:
-    """σ of each matrix, descending, (..., min(m, n)); float32 at least."""
-    return torch.linalg.svdvals(_work(M))
+    """σ of each matrix, descending, (..., min(m, n)); float32 at least. Wide matrices are
+    decomposed transposed (same σ; LAPACK is several times faster on the tall orientation)."""
+    M = _work(M)
+    return torch.linalg.svdvals(M.mT if M.size(-2) < M.size(-1) else M)
 
 
 def _nan_where_zero(value: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,12 @@ def spectrum_summary(s: torch.Tensor, topk: tuple[int, ...] = (1, 5, 10), rtol: 
 # --- subspaces ---------------------------------------------------------------------------------
 def top_left_subspace(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U_k (..., m, k), σ (..., r)): the top-k left singular vectors and all singular values."""
-    U, s, _ = torch.linalg.svd(_work(M), full_matrices=False)
+    M = _work(M)
+    if M.size(-2) < M.size(-1):  # tall orientation (faster): M = (Mᵀ)ᵀ, left vectors = Vh rows of Mᵀ
+        _, s, Vh = torch.linalg.svd(M.mT, full_matrices=False)
+        U = Vh.mT
+    else:
+        U, s, _ = torch.linalg.svd(M, full_matrices=False)
     return U[..., : min(k, U.size(-1))], s
 
 
