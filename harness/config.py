@@ -345,10 +345,9 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     for name, tp in _field_types().items():
         base, _ = _base_type(tp)
-        default_text = {}
         if base is bool:
             # `--flag` alone means true; `--flag 0` also works (for sweeps that pass values)
-            parser.add_argument(f"--{name}", nargs="?", const="1", default=None, metavar="0|1", **default_text)
+            parser.add_argument(f"--{name}", nargs="?", const="1", default=None, metavar="0|1")
         else:
             parser.add_argument(f"--{name}", default=None, metavar=name.upper())
     return parser

@@ -29,6 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from data.loader import DistributedTokenLoader, val_batches
+from data.shards import find_shards, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
@@ -92,9 +94,6 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        from data.loader import DistributedTokenLoader, val_batches  # noqa: F401  (import errors surface early)
-        from data.shards import find_shards, read_header
-
         train_files = find_shards(cfg.train_files)
         val_files = find_shards(cfg.val_files)
         for f in train_files + val_files:
@@ -137,8 +136,6 @@ class Trainer:
         return per_rank * W
 
     def _val_iter(self):
-        from data.loader import val_batches
-
         return val_batches(
             self.val_files,
             val_tokens=self.cfg.val_tokens,
