@@ -1,7 +1,8 @@
 """Diagnostics in a real 2-rank run (torchrun, gloo): the diag lines cover the sampled matrices
 at every diag_every-th step, the spectra file is written, and the losses are bit-identical to
 the same run without diagnostics. Both runs go through harness.trainer.main one after the
-other in the same two torchrun processes (one launch: most of a tiny run is start-up)."""
+other in the same two torchrun processes and process group (one launch: most of a tiny run
+is start-up)."""
 
 import numpy as np
 
@@ -13,11 +14,15 @@ MATRICES = {f"blocks.{i}.{m}" for i in range(2) for m in
 TWIN_RUNS = """
 import sys
 sys.path.insert(0, {root!r})
+from harness import dist as hdist
 from harness.trainer import main
 common = {common!r}
 diag = ["--diag_every", "2", "--diag_sample", "7", "--diag_spectra", "1", "--diag_embed_head", "1"]
-codes = [main("train_gpt.py", common + ["--run_id", "on"] + diag), main("train_gpt.py", common + ["--run_id", "off"])]
-sys.exit(max(codes))
+# one process group for both runs: gloo cannot be re-initialised reliably under one rendezvous
+shutdown, hdist.shutdown = hdist.shutdown, lambda info: None
+first = main("train_gpt.py", common + ["--run_id", "on"] + diag)
+hdist.shutdown = shutdown
+sys.exit(max(first, main("train_gpt.py", common + ["--run_id", "off"])))
 """
 
 
