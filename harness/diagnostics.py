@@ -28,6 +28,7 @@ with diagnostics follows the same trajectory, bit for bit, as one without.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -102,6 +103,22 @@ def muon_metrics(probe: dict[str, torch.Tensor], k: int) -> tuple[dict[str, torc
     return out, sv
 
 
+@contextlib.contextmanager
+def lapack_threads(device: torch.device):
+    """One CPU thread for the decompositions: LAPACK on batches of small matrices gains little
+    from threads and loses several-fold when the cores are shared (measured: 5-10x slower with
+    2 threads on a busy 2-core machine). The training's own thread count is restored after."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class SpectralDiagnostics:
     """Arms the optimizer's inspection hook at diagnostics steps and gathers the metrics."""
 
@@ -149,7 +166,8 @@ class SpectralDiagnostics:
                           device=probe["grad"].device)
         picked = [j for j, i in enumerate(g.owned) if g.refs[i].name in self.selected]
         if picked:
-            self._fill(rows, picked, probe)
+            with lapack_threads(rows.device):
+                self._fill(rows, picked, probe)
         self._rows[gi] = rows
 
     def _fill(self, rows: torch.Tensor, picked: list[int], probe: dict[str, torch.Tensor]) -> None:
@@ -191,7 +209,8 @@ class SpectralDiagnostics:
             for name, p in self.adam_params:
                 W0 = self._before.pop(name)
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                metrics = self._adam_metrics(grad.float(), W0, p.detach().float(), spectra, name)
+                with lapack_threads(p.device):
+                    metrics = self._adam_metrics(grad.float(), W0, p.detach().float(), spectra, name)
                 records.append((step, name, metrics))
             self.records = records
             self.history.extend(records)
