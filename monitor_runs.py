@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.errors import UserError
+from harness.errors import UserError, run_cli
 from harness.runs import (
     ENDED,
     STALE_FACTOR,
@@ -274,12 +274,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # `monitor_runs.py --format csv | head`
-        sys.exit(0)
+    run_cli(main, broken_pipe_ok=True)

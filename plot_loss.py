@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure  # object API: no pyplot state, no display backend needed
 
-from harness.errors import UserError
+from harness.errors import UserError, run_cli
 from harness.runlog import RunLog, read_log, find_logs
 from harness.runs import default_baseline, group_key, group_runs
 
@@ -529,10 +529,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.errors import UserError  # noqa: E402
+from harness.errors import UserError, run_cli  # noqa: E402
 from kernels import ns_coefficients, orthogonalize  # noqa: E402
 from kernels.newton_schulz import normalize  # noqa: E402
 
@@ -151,8 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.errors import UserError  # noqa: E402
+from harness.errors import UserError, run_cli  # noqa: E402
 from kernels import orthogonalize  # noqa: E402
 
 METHODS = ("polar_express", "quintic")
@@ -116,8 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
