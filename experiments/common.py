@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 
 from harness.config import Config
@@ -76,21 +75,18 @@ class LMData:
 
     def __init__(self, size: LMSize):
         from data.loader import DistributedTokenLoader
-        from data.shards import find_shards, open_shard
+        from data.shards import compact_vocab, find_shards
+        from harness.malloc import keep_freed_memory
 
+        keep_freed_memory()  # as the trainer does on CPU: ~1.5x faster steps here
         root = Path(size.data)
         self.train_files = find_shards(str(root / "local_train_*.bin"))
         self.val_files = find_shards(str(root / "local_val_*.bin"))
         self.size = size
         if size.vocab == "compact":
-            seen = np.zeros(GPT2_VOCAB, dtype=bool)
-            for f in self.train_files + self.val_files:
-                seen[np.unique(np.asarray(open_shard(f)))] = True
-            ids = np.flatnonzero(seen)
-            table = np.zeros(GPT2_VOCAB, dtype=np.int64)
-            table[ids] = np.arange(len(ids))
+            table, used = compact_vocab(self.train_files + self.val_files)
             self.table = torch.from_numpy(table)
-            self.vocab_size = int(math.ceil(len(ids) / 128) * 128)
+            self.vocab_size = int(math.ceil(used / 128) * 128)
         else:
             self.table = None
             self.vocab_size = GPT2_VOCAB

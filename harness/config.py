@@ -41,6 +41,9 @@ class Config:
     val_files: str = "data/local/local_val_*.bin"
     val_tokens: int = 32768
     align_bos: bool = False  # start every training sequence at a document start (BOS)
+    # renumber the ids that occur in the train+val shards to 0..V-1 and set vocab_size to V
+    # padded to 128: the same text and task with a smaller head (CPU studies; see data.shards)
+    compact_vocab: bool = False
 
     # --- model ----------------------------------------------------------------------------
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128

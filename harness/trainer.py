@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data.loader import DistributedTokenLoader, val_batches
-from data.shards import find_shards, read_header
+from data.shards import compact_vocab, find_shards, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
@@ -81,10 +81,14 @@ def _autocast(cfg: Config, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: hdist.DistInfo):
+    def __init__(self, cfg: Config, info: hdist.DistInfo, token_map: np.ndarray | None = None):
         self.cfg = cfg
         self.info = info
         self.device = info.device
+        # compact_vocab: GPT-2 id -> model id (resolve_vocab); None keeps the ids as they are
+        self.token_map = None if token_map is None else torch.from_numpy(token_map).to(self.device)
+        # the shards' ids are checked against this: any uint16 id is in a compact table's range
+        self.data_vocab = 2 ** 16 if token_map is not None else cfg.vocab_size
         self.schedule = Schedule.from_config(cfg)
         self.log: RunLogWriter | None = None
         self.state = RunState()
@@ -119,7 +123,7 @@ class Trainer:
             seq_len=cfg.seq_len,
             rank=info.rank,
             world_size=info.world_size,
-            vocab_size=cfg.vocab_size,
+            vocab_size=self.data_vocab,
             align_bos=cfg.align_bos,
             device=self.device,
         )
@@ -143,9 +147,12 @@ class Trainer:
             rank=self.info.rank,
             world_size=self.info.world_size,
             batch_tokens=self.val_batch_tokens,
-            vocab_size=self.cfg.vocab_size,
+            vocab_size=self.data_vocab,
             device=self.device,
         )
+
+    def _ids(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x, y) if self.token_map is None else (self.token_map[x], self.token_map[y])
 
     def open_log(self, sources: list[tuple[str, str]]) -> None:
         cfg = self.cfg
@@ -219,6 +226,7 @@ class Trainer:
         n = 0
         with _autocast(self.cfg, self.device):
             for x, y in self._val_iter():
+                x, y = self._ids(x, y)
                 total += self.forward(x, y).double()
                 n += 1
         self.model.train()
@@ -228,7 +236,7 @@ class Trainer:
     def train_step(self, step: int, collect_stats: bool) -> float:
         cfg = self.cfg
         batch_tokens = self.schedule.batch_size(step)
-        x, y = self.loader.next_batch(batch_tokens)
+        x, y = self._ids(*self.loader.next_batch(batch_tokens))
         micro = max(1, cfg.device_batch_tokens // cfg.seq_len)
         chunks = list(zip(x.split(micro), y.split(micro)))
         n_seqs = x.size(0)
@@ -347,6 +355,7 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     stop = StopRequest().install()
     try:
         validate(cfg, world_size=info.world_size)
+        token_map = resolve_vocab(cfg)
         resume = _load_resume(cfg, info) if cfg.resume else None
         if not cfg.run_id:
             cfg.run_id = hdist.broadcast_object(default_run_id(cfg))
@@ -354,7 +363,7 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
             # the one check that only the main rank can make; every rank must agree on its outcome
             path = log_path(cfg.log_dir, cfg.run_id)
             hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, token_map)
         trainer.stop = stop
         trainer.setup()
         if resume is not None:
@@ -383,6 +392,16 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
             trainer.log.close()
     hdist.shutdown(info)
     return code
+
+
+def resolve_vocab(cfg: Config) -> np.ndarray | None:
+    """With compact_vocab: the id table of the train+val shards, and cfg.vocab_size set to the
+    ids they use, padded to a multiple of 128 (what the config line then records)."""
+    if not cfg.compact_vocab:
+        return None
+    table, used = compact_vocab(find_shards(cfg.train_files) + find_shards(cfg.val_files))
+    cfg.vocab_size = max(128, math.ceil(used / 128) * 128)
+    return table
 
 
 def _load_resume(cfg: Config, info: hdist.DistInfo) -> tuple[Path, dict[str, Any]]:

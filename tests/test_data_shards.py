@@ -6,6 +6,7 @@ from data.shards import (
     MAGIC,
     VERSION,
     check_vocab,
+    compact_vocab,
     find_shards,
     open_shard,
     read_header,
@@ -27,6 +28,16 @@ def test_round_trip(tmp_path):
     assert mm.dtype == np.uint16 and mm.tolist() == tokens.tolist()
     assert not mm.flags.writeable
     assert not list(tmp_path.glob("*.tmp"))  # no temp file left behind
+
+
+def test_compact_vocab_renumbers_used_ids_in_order(tmp_path):
+    write_shard(tmp_path / "a.bin", [50256, 17, 17, 300])
+    write_shard(tmp_path / "b.bin", [65535, 300, 5])
+    write_shard(tmp_path / "c.bin", [])
+    table, used = compact_vocab([tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"])
+    assert used == 5 and table.shape == (65536,)
+    assert [int(table[i]) for i in (5, 17, 300, 50256, 65535)] == [0, 1, 2, 3, 4]
+    assert int(table[6]) == 0  # an id that never occurs maps to 0
 
 
 def test_empty_shard(tmp_path):

@@ -1,6 +1,7 @@
 """train_gpt.py end to end as a real subprocess: the log, bad input, divergence."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -140,3 +141,19 @@ def test_config_line_has_tag_and_assignment(tmp_path, shards_dir):
     assert cfg["param_assignment"]["blocks.0.attn.qkv"] == "muon"
     assert cfg["param_assignment"]["lm_head.weight"] == "adam_head"
     json.dumps(cfg)
+
+
+def test_compact_vocab_trains_on_renumbered_ids(tmp_path, shards_dir):
+    """--compact_vocab: vocab_size becomes the ids the shards use (padded to 128), recorded in
+    the config line; the zero-initialised head starts at exactly ln(V)."""
+    from data.shards import compact_vocab, find_shards
+
+    proc = run_train(tmp_path, shards_dir, "--compact_vocab")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = log_of(tmp_path)
+    _, used = compact_vocab(find_shards(str(shards_dir / "local_*.bin")))
+    vocab = log.config["vocab_size"]
+    assert log.config["compact_vocab"] is True and vocab == -(-used // 128) * 128 < 50304
+    first, last = log.val_steps[0], log.val_steps[-1]
+    assert first.step == 0 and abs(first.val_loss - math.log(vocab)) < 1e-4
+    assert last.val_loss < first.val_loss - 1.0
