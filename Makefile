@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   prepare the local corpus shards and train the tiny preset on CPU with 2 ranks
 #   make test   run the test suite
+# (and: make report   the research report, reports/<timestamp>/REPORT.md, about an hour on 2 cores)
 # Both create the virtual environment .venv from requirements.txt first (once).
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
 
-.PHONY: demo test venv system-deps
+.PHONY: demo test report venv system-deps
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +32,6 @@ demo: venv
 
 test: venv system-deps
 	$(PY) -m pytest -q
+
+report: venv
+	$(PY) -m experiments.report
