@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from experiments.common import SMALL
 from harness.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ class Sizes:
 
 FULL = Sizes(
     lm=dict(vocab="compact"),
-    small=dict(num_layers=2, model_dim=128, num_heads=2, seq_len=128, batch=8, steps=150, val_batches=8, vocab="compact"),
+    small=dict(SMALL, vocab="compact"),
     manip_seeds=(0, 1), manip_k=8, snr_minibatches=16, snr_points=3, digits_epochs=10, sweep_seeds=(0, 1, 2),
 )
 _TINY_LM = dict(num_layers=2, model_dim=64, num_heads=2, seq_len=64, batch=4, steps=12, val_batches=2, vocab="compact")

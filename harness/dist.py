@@ -74,6 +74,13 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place sum over ranks."""
+    if _is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_mean_async(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start an in-place mean over ranks; returns a function that waits and returns t."""
     if not _is_dist():

@@ -73,6 +73,7 @@ class MuonGroup:
     momentum: torch.Tensor | None = None
     second_moment: torch.Tensor | None = None
     pending: Callable[[], torch.Tensor] | None = None  # waits for this step's reduce-scatter
+    share: torch.Tensor | None = None  # this step's reduced gradient share, once waited for (clipping)
     ready_count: int = 0
 
     def __post_init__(self):
@@ -194,6 +195,24 @@ class ShardedMuon:
                 if p.requires_grad and not any(h[0] is p for h in self._hooks):
                     self._hooks.append((p, p.register_post_accumulate_grad_hook(hook)))
 
+    def _take_share(self, g: MuonGroup) -> torch.Tensor:
+        """This rank's share of the group's averaged gradient (waiting for it if needed)."""
+        if g.share is None:
+            g.share = g.pending()
+        grad, g.share, g.pending, g.ready_count = g.share, None, None, 0
+        return grad
+
+    def reduced_shares(self) -> list[torch.Tensor]:
+        """Wait for every group's reduce-scatter (starting those the hooks did not) and keep the
+        shares for step(): clipping scales them in place before the update."""
+        for g in self.groups:
+            if g.pending is None and g.share is None:
+                self._launch(g)
+        for g in self.groups:
+            if g.share is None:
+                g.share = g.pending()
+        return [g.share for g in self.groups]
+
     # --- the update -----------------------------------------------------------------------
     def spectral_muls(self, g: MuonGroup) -> torch.Tensor:
         cfg = self.cfg
@@ -220,13 +239,12 @@ class ShardedMuon:
     def step(self, lr_mul: float, momentum: float, collect_stats: bool = False) -> None:
         cfg = self.cfg
         for g in self.groups:
-            if g.pending is None:
+            if g.pending is None and g.share is None:
                 self._launch(g)
         gathers = []
         stats_gathers = []
         for g in self.groups:
-            grad = g.pending()
-            g.pending, g.ready_count = None, 0
+            grad = self._take_share(g)
             W = g.owned_weights()
             self._probe = {"W": W.clone()} if self.inspect is not None else None
             update, stats = self._update(g, grad, W, momentum, collect_stats)
@@ -354,13 +372,18 @@ class AllReducedAdam:
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self._pending = (hdist.all_reduce_mean_async(flat), flat)
 
-    @torch.no_grad()
-    def step(self, lr_mul: float) -> None:
+    def reduced(self) -> torch.Tensor:
+        """The averaged gradients as one flat buffer (waiting for the reduction if needed)."""
         if self._pending is None:
             self.launch_reduce()
         wait, flat = self._pending
+        self._pending = (lambda: flat), flat
+        return wait()
+
+    @torch.no_grad()
+    def step(self, lr_mul: float) -> None:
+        flat = self.reduced()
         self._pending = None
-        wait()
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -413,10 +436,34 @@ class Optimizers:
         """True for the micro-batch whose backward completes this step's gradients."""
         self.muon.launch_on_ready = sync
 
-    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False) -> None:
+    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False, clip: float = 0.0) -> float | None:
+        """One step of both; with clip > 0, first scale the averaged gradients so their global
+        norm is at most clip (torch's clip_grad_norm_ rule) and return the norm before clipping.
+        Clipping must see the averaged gradient, which only exists after the reductions: the
+        Muon shares are already in flight from the backward hooks, so clipping p.grad on each
+        rank would miss them, and each rank would clip by a different, local norm."""
         self.adam.launch_reduce()
+        norm = self._clip(clip) if clip > 0 else None
         self.muon.step(lr_mul, momentum, collect_stats)
         self.adam.step(lr_mul)
+        return norm
+
+    @torch.no_grad()
+    def _clip(self, clip: float) -> float:
+        shares = self.muon.reduced_shares()
+        flat = self.adam.reduced()  # the same on every rank
+        # every real matrix is owned by exactly one rank (padding is zero): sum the squares
+        muon_sq = torch.zeros(1, dtype=torch.float64, device=flat.device)
+        for s in shares:
+            muon_sq += s.double().square().sum()
+        total = (hdist.all_reduce_sum_(muon_sq) + flat.double().square().sum()).sqrt()
+        norm = float(total.item())
+        coef = clip / (norm + 1e-6)
+        if coef < 1.0:
+            for s in shares:
+                s.mul_(coef)
+            flat.mul_(coef)
+        return norm
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)

@@ -248,13 +248,12 @@ class Trainer:
             # weight by the chunk's share so the accumulated gradient is this rank's mean
             (loss * (xc.size(0) / n_seqs)).backward()
             loss_sum += loss.detach() * (xc.size(0) / n_seqs)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         lr_mul = self.schedule.lr_mul(step)
         diag = self.diag is not None and self.diag.due(step)
         if diag:
             self.diag.begin(step)
-        self.opt.step(lr_mul, self.schedule.muon_momentum(step), collect_stats=collect_stats)
+        # clipping (cfg.grad_clip) happens inside, on the averaged gradients
+        self.opt.step(lr_mul, self.schedule.muon_momentum(step), collect_stats=collect_stats, clip=cfg.grad_clip)
         if diag:
             self.diag.end(step)  # reads the Adam gradients: before zero_grad
         self.opt.zero_grad()

@@ -223,3 +223,24 @@ def test_spectral_muls_per_group():
             MatrixRef("blocks.1.attn.proj.weight", ps[2], None)]
     muon = ShardedMuon(refs, cfg, WORLD1)
     assert muon.spectral_muls(muon.groups[0]).flatten().tolist() == pytest.approx([0.7, 0.1, 0.7])
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e3])
+def test_clipping_uses_the_global_norm_of_every_gradient(clip):
+    """opt.step(clip=c) = torch's clip_grad_norm_(all parameters, c) then an unclipped step, at
+    world size 1 (the 2-rank twin is in test_train.py); it returns the norm before clipping."""
+    cfg, model = small_model()
+    ref, unclipped = copy.deepcopy(model), copy.deepcopy(model)
+    opt, ref_opt, plain_opt = (Optimizers(m, cfg, WORLD1) for m in (model, ref, unclipped))
+    for step in range(3):
+        for m in (model, ref, unclipped):
+            random_grads(m, step)
+        expected = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
+        assert opt.step(1.0, 0.9, clip=clip) == pytest.approx(expected, rel=1e-6)
+        ref_opt.step(1.0, 0.9)
+        plain_opt.step(1.0, 0.9)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert expected > 0.5  # so clip=0.5 did clip, and changed the run:
+    moved = [not torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(model.parameters(), unclipped.parameters())]
+    assert any(moved) == (clip < expected)
