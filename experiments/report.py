@@ -259,17 +259,25 @@ def study_gradient_snr(out: Path, sizes: Sizes) -> Section:
     higher = {s: sum(1 for v in r["snr"][s].values() if v["orth"] > v["raw"]) for s in pts}
     count = len(next(iter(r["snr"].values())))
     rows = [[s, _g(a), _g(b), f"{higher[s]}/{count}"] for s, (a, b) in per_point.items()]
+    if all(b > a for a, b in per_point.values()):
+        verdict = "higher"
+    elif all(b < a for a, b in per_point.values()):
+        verdict = "lower"
+    else:
+        verdict = "sometimes higher, sometimes lower"
+    ratio = _mean(b / a for a, b in per_point.values() if a)
     text = f"""{_figures(d, out)}
 
 {(d / "table.md").read_text(encoding="utf-8").split(chr(10), 2)[2].strip()}
 
 {_table(["step", "mean SNR, raw", "mean SNR, orthogonalized", "matrices where orthogonalized > raw"], rows)}
-**Answer.** At the measured points the orthogonalized gradients had {'higher' if all(b > a for a, b in per_point.values()) else 'not uniformly higher'}
-SNR than the raw ones on average. SNR = ||mean_b g_b|| / ||std_b g_b|| over {r['minibatches']}
+**Answer.** At the measured points the orthogonalized gradients had {verdict} SNR than the raw
+ones (mean over matrices; orthogonalized/raw = {_g(ratio)} on average over the points). SNR = ||mean_b g_b|| / ||std_b g_b|| over {r['minibatches']}
 minibatches at fixed weights. Scale: one seed, a {sizes.small['num_layers']}-layer {sizes.small['model_dim']}-wide GPT.
 """
     return Section("Gradient signal-to-noise: raw against orthogonalized", text,
-                   {"points": {str(k): v for k, v in per_point.items()}, "orth_higher": higher, "matrices": count})
+                   {"points": {str(k): v for k, v in per_point.items()}, "orth_higher": higher, "matrices": count,
+                    "verdict": verdict, "ratio": ratio})
 
 
 # --- the ORD sweep ---------------------------------------------------------------------------
@@ -307,6 +315,7 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
     rows = PL.final_loss_table(runs, "tag", "standard")
     PL.plot_final_bars(rows, d)
     PL.plot_val_loss(runs, "tag", d, x="step")
+    rows_perp = PL.final_loss_table(runs, "tag", "spectral_lr_0") if "spectral_lr_0" in by_tag else []
     four = [r for r in runs if r.tag in FOUR_WAY]
     d4 = out / "ord_four_way"
     rows4 = PL.final_loss_table(four, "tag", "standard")
@@ -322,7 +331,8 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
     for tag in sorted(by_tag, key=lambda t: (t != "standard", t)):
         first, last = [], []
         for r in by_tag[tag]:
-            steps = sorted({dg.step for dg in r.diags if "rho" in dg.values})
+            # step 0 is trivially 0: the hidden gradients start at zero (zero-initialised head)
+            steps = sorted({dg.step for dg in r.diags if "rho" in dg.values and dg.step > 0})
             if not steps:
                 continue
             pick = lambda s, k: _mean(dg.values[k] for dg in r.diags if dg.step == s and k in dg.values)  # noqa: E731
@@ -336,11 +346,20 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
     numbers = {
         "groups": {r.group: dict(n=r.n, mean=r.mean, std=r.std, delta=r.delta, p=r.p_value, values=r.values) for r in rows},
         "rho": rho_numbers,
+        "vs_perp": {r.group: dict(delta=r.delta, p=r.p_value) for r in rows_perp},
     }
     base = next(r for r in rows if r.is_baseline)
     better = [r for r in rows if not r.is_baseline and r.p_value is not None and r.p_value < 0.05 and r.delta < 0]
     worse = [r for r in rows if not r.is_baseline and r.p_value is not None and r.p_value < 0.05 and r.delta > 0]
-    numbers.update(best=rows[0].group, better=[r.group for r in better], worse=[r.group for r in worse])
+    better_perp = [r.group for r in rows_perp if r.group.startswith("spectral_lr_") and not r.is_baseline
+                   and r.p_value is not None and r.p_value < 0.05 and r.delta < 0]
+    worse_perp = [r.group for r in rows_perp if r.group.startswith("spectral_lr_") and not r.is_baseline
+                  and r.p_value is not None and r.p_value < 0.05 and r.delta > 0]
+    numbers.update(best=rows[0].group, better=[r.group for r in better], worse=[r.group for r in worse],
+                   better_than_perp=better_perp, worse_than_perp=worse_perp)
+    perp_rows = [[r.group, f"{_f(r.mean)} ± {_f(r.std)}", "-" if r.delta is None else f"{r.delta:+.4f}",
+                  "-" if r.p_value is None else f"{r.p_value:.3g}"]
+                 for r in sorted(rows_perp, key=lambda r: r.group) if r.group.startswith("spectral_lr_")]
     cfg = by_tag["standard"][0].config
     scale = (f"{cfg['num_layers']} layers, width {cfg['model_dim']}, vocabulary {cfg['vocab_size']} (compact), "
              f"{cfg['num_scheduled_iterations']}+{cfg['num_extension_iterations']} steps of "
@@ -353,6 +372,9 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
 
 {PL.format_markdown(rows)}
 
+Adding back m·G_par against Polar(G_perp) alone (spectral_lr_0 as the reference):
+
+{_table(["group", "final val loss", "Δ vs spectral_lr_0", "p (Welch)"], perp_rows)}
 **The four-way comparison**
 
 ![four-way]({(d4 / 'final_loss.png').relative_to(out).as_posix()})
@@ -360,7 +382,7 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
 
 {_table(["update", "group", "n", "final val loss", "Δ vs Polar(G)", "p (Welch)"], four_rows)}
 **rho over training** (`rho = <G,W>/||W||^2` and `||G_par||/||G||` per layer, logged at every
-validation step; below, the mean over layers and seeds at the first and last of those steps)
+validation step; below, the mean over layers and seeds at the first such step after step 0 and at the last)
 
 {_figures(d_rho, out)}
 
@@ -404,6 +426,7 @@ def weight_dynamics(out: Path, standard: list) -> Section:
         rows.append([b, f"{_g(v['align_wdw_first'])} → {_g(v['align_wdw_last'])}",
                      f"{_g(v['w_entropy_first'])} → {_g(v['w_entropy_last'])}", f"{_g(v['w_smax_first'])} → {_g(v['w_smax_last'])}"])
     deep = [numbers[b]["align_wdw_last"] for b in sorted(numbers)]
+    avg = {k: _mean(v[k] for v in numbers.values()) for k in next(iter(numbers.values()), {})}
     text = f"""{_figures(d, out)}
 
 {_table(["block (depth)", "W/ΔW alignment, first → last", "spectral entropy of W", "σ_max(W)"], rows)}
@@ -412,11 +435,14 @@ first and last diagnostics step. Alignment: the mean cosine of the principal ang
 top-k left singular subspaces of W and of the applied update ΔW (1 = the update acts in W's
 dominant directions); entropy of σ(W)² normalised to [0, 1]; σ_max is the "stretching".
 
-**Answer.** At the end of training the alignment ranged {_g(min(deep)) if deep else 'n/a'}-{_g(max(deep)) if deep else 'n/a'}
-across depth; the figures show each matrix over training (first seed).
+**Answer.** Averaged over depth, the W/ΔW alignment went from {_g(avg.get('align_wdw_first'))} to
+{_g(avg.get('align_wdw_last'))} (block 0: {_g(deep[0]) if deep else 'n/a'}, last block: {_g(deep[-1]) if deep else 'n/a'} at the end),
+the spectral entropy of W from {_g(avg.get('w_entropy_first'))} to {_g(avg.get('w_entropy_last'))}, and σ_max(W)
+from {_g(avg.get('w_smax_first'))} to {_g(avg.get('w_smax_last'))}. The figures show every matrix over
+training (first seed).
 """
     return Section("Update/weight alignment and spectral entropy by depth (standard NorMuon runs)", text,
-                   {"by_block": numbers})
+                   {"by_block": numbers, "mean_over_depth": avg})
 
 
 # ------------------------------------------------------------------------------------------
@@ -451,11 +477,18 @@ def summary(sections: dict[str, Section]) -> str:
                      + ", ".join(f"{m} {_f(v)}" for m, v in n["mean"].items())
                      + f"; seed spread {_f(n['spread'])}; low_rank vs full {'clear' if lr else 'within noise'} |")
         eq, on = n["clear"].get("equalized"), n["clear"].get("orthonormal")
-        verdict = ("spectral equalization" if (eq or on) and not lr else "rank" if lr and not (eq or on)
-                   else "inconclusive")
-        lines.append(f"| (4) Which part of orthogonalization matters? | {verdict} | singular vectors (direction) kept in every "
-                     f"mode; equalized/orthonormal vs full: {'clear' if (eq or on) else 'within noise'}; "
-                     f"cutting rank (low_rank) vs full: {'clear' if lr else 'within noise'}"
+        m, full = n["mean"], n["mean"]["full"]
+        sign = lambda mode: "helps" if m[mode] < full else "hurts"  # noqa: E731
+        parts = []
+        if eq or on:
+            mode = "equalized" if eq else "orthonormal"
+            parts.append(f"equalizing the spectrum ({sign(mode)} under Adam)")
+        if lr:
+            parts.append(f"cutting the rank ({sign('low_rank')})")
+        verdict = " and ".join(parts) or "inconclusive"
+        lines.append(f"| (4) Which part of orthogonalization matters? | {verdict} | the direction (singular vectors) is "
+                     f"kept by every mode, so it is not isolated here; equalized/orthonormal vs full: "
+                     f"{'clear' if (eq or on) else 'within noise'}; low_rank vs full: {'clear' if lr else 'within noise'}"
                      + (f"; Muon's NS lifts update rank to {_g(gr.numbers['ns_end'])}" if gr else "") + " |")
     if ords:
         n = ords.numbers
@@ -463,12 +496,23 @@ def summary(sections: dict[str, Section]) -> str:
         adds = [t for t in g if t.startswith("spectral_lr_") and t != "spectral_lr_0"]
         helped = [t for t in n["better"] if t in adds]
         hurt = [t for t in n["worse"] if t in adds]
+        helped_perp = [t for t in n["better_than_perp"] if t in adds]
         best_add = min(adds, key=lambda t: g[t]["mean"]) if adds else None
         perp = g.get("spectral_lr_0")
-        ans = "yes" if helped else ("no" if hurt and not helped else "inconclusive")
-        lines.append(f"| ORD: does adding back m·G_par help, at which m? | {ans} | best m: "
-                     f"{best_add} ({_f(g[best_add]['mean'])}, p {_g(g[best_add]['p'])}); worse at p<0.05: "
-                     f"{', '.join(hurt) or 'none'}; better at p<0.05: {', '.join(helped) or 'none'} |" if best_add else "| ORD | n/a | |")
+        if helped:
+            ans = f"yes, at m = {', '.join(t.rsplit('_', 1)[1] for t in helped)}"
+        elif helped_perp:
+            ans = "only against Polar(G_perp) alone, not against the standard run"
+        elif hurt and len(hurt) == len(adds):
+            ans = "no"
+        else:
+            ans = "inconclusive"
+        if best_add:
+            lines.append(f"| ORD: does adding back m·G_par help, at which m? | {ans} | lowest mean: {best_add} "
+                         f"({_f(g[best_add]['mean'])} vs standard {_f(g['standard']['mean'])}, p {_g(g[best_add]['p'])}); "
+                         f"vs standard at p<0.05, better: {', '.join(helped) or 'none'}, worse: {', '.join(hurt) or 'none'}; "
+                         f"vs Polar(G_perp), better: {', '.join(helped_perp) or 'none'}, worse: "
+                         f"{', '.join(t for t in n['worse_than_perp'] if t in adds) or 'none'} |")
         if perp:
             verdict = ("worse" if "spectral_lr_0" in n["worse"] else "better" if "spectral_lr_0" in n["better"]
                        else "inconclusive")
