@@ -2,7 +2,7 @@
 
     python -m experiments.rank_manipulation --out reports/rank_manipulation [--quick] [--k 8]
 
-Before each Adam step (lr 3e-4, clip 1.0) the gradient of every hidden matrix (attention q, k,
+Before each Adam step (lr 3e-4) the gradients are clipped (global norm 1.0), then the gradient of every hidden matrix (attention q, k,
 v, proj; MLP fc, proj) is replaced by a matrix with the same singular vectors (harness.spectral.
 reshape_spectrum): full (unchanged), low_rank (only the top k singular values kept),
 orthonormal (all set to 1: the polar factor), equalized (all set to their mean). Embeddings,
@@ -37,13 +37,15 @@ def train(mode: str, size: C.LMSize, seed: int, k: int) -> dict:
         x, y = data.next()
         loss = model(x, y)
         loss.backward()
+        # clip the raw gradients first: clipping after the transform would let the transformed
+        # matrices' norms (sqrt(n) for orthonormal) shrink the embeddings' and head's steps too
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         with torch.no_grad():
             for p in hidden:
                 m, n = p.shape[-2:]
                 g = sp.reshape_spectrum(p.grad.reshape(-1, m, n), mode, k)
                 p.grad.copy_(g.view_as(p))
                 ranks.append(float(sp.effective_rank(g).nan_to_num(0).mean()))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))

@@ -66,7 +66,7 @@ class Sizes:
 FULL = Sizes(
     lm=dict(vocab="compact"),
     small=dict(SMALL, vocab="compact"),
-    manip_seeds=(0, 1), manip_k=8, snr_minibatches=16, snr_points=3, digits_epochs=10, sweep_seeds=(0, 1, 2),
+    manip_seeds=(0, 1), manip_k=2, snr_minibatches=16, snr_points=3, digits_epochs=10, sweep_seeds=(0, 1, 2),
 )
 _TINY_LM = dict(num_layers=2, model_dim=64, num_heads=2, seq_len=64, batch=4, steps=12, val_batches=2, vocab="compact")
 QUICK = Sizes(
@@ -240,8 +240,9 @@ mean is more than twice that away.
 
 **Answer.** Best mode: {best}. {'; '.join(f"{m}: {'clearly ' + ('better' if mean[m] < full else 'worse') if c else 'within noise'}" for m, c in clear.items())}.
 low_rank keeps the top {sizes.manip_k} singular values of each gradient; orthonormal and equalized give
-every singular value the same size (1, or the mean), so under Adam, which rescales every entry, they
-differ only in scale. Figures: seed {sizes.manip_seeds[0]}. Scale: {len(sizes.manip_seeds)} seeds, a
+every singular value the same size (1, or the mean): they differ only in scale, which Adam's
+per-entry normalisation removes (up to its eps), so they should agree. Gradients are clipped
+before the transform, so every mode's embeddings and head see the same steps. Figures: seed {sizes.manip_seeds[0]}. Scale: {len(sizes.manip_seeds)} seeds, a
 {sizes.small['num_layers']}-layer {sizes.small['model_dim']}-wide GPT, {sizes.small['steps']} steps.
 """
     return Section("Rank manipulation: Adam on transformed gradients", text,
