@@ -1,10 +1,12 @@
-"""Tiny-preset training throughput on CPU at 1 and 2 ranks (real train_gpt.py runs).
+"""Tiny-preset training throughput on CPU at 1 and 2 ranks, and with --compact_vocab (real train_gpt.py runs).
 
     python bench/train_throughput.py [--steps 12]
 
 Each run trains the tiny preset's first stage (batch 2048 tokens) for --steps steps with no
 validation except the compulsory first and last; tokens/s = tokens per step / step_avg, where
-step_avg excludes the first two steps (warm-up). Prints both and the ratio 2 ranks / 1 rank.
+step_avg excludes the first two steps (warm-up). Prints both and the ratio 2 ranks / 1 rank, then
+1 rank with the compact vocabulary (the local corpus's ids renumbered: a smaller head) and its
+ratio to the GPT-2 vocabulary at 1 rank.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ sys.path.insert(0, str(ROOT))
 from harness.runlog import read_log  # noqa: E402
 
 
-def run(nproc: int, steps: int, out: Path) -> float:
+def run(nproc: int, steps: int, out: Path, *extra: str) -> float:
     py = Path(sys.executable)
     cmd = [str(py), "train_gpt.py"] if nproc == 1 else \
         [str(py.parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
-    cmd += ["--preset", "tiny", "--run_id", f"bench{nproc}", "--log_dir", str(out), "--val_loss_every", "0",
+    run_id = f"bench{nproc}{'c' if extra else ''}"
+    cmd += [*extra, "--preset", "tiny", "--run_id", run_id, "--log_dir", str(out), "--val_loss_every", "0",
             "--val_tokens", "4096", "--num_scheduled_iterations", str(steps), "--num_extension_iterations", "0",
             "--batch_sizes", "2048,2048,2048,2048"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // nproc or 1)})
-    log = read_log(out / f"bench{nproc}.txt")
+    log = read_log(out / f"{run_id}.txt")
     t = {r.step: r.train_time_ms for r in log.train_steps}
     per_step_ms = (t[steps] - t[2]) / (steps - 2)
     return 2048 / (per_step_ms / 1000)
@@ -43,7 +46,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         r1 = run(1, args.steps, Path(tmp))
         r2 = run(2, args.steps, Path(tmp))
+        rc = run(1, args.steps, Path(tmp), "--compact_vocab")
     print(f"tiny preset, CPU: 1 rank {r1:8.0f} tokens/s, 2 ranks {r2:8.0f} tokens/s, ratio {r2 / r1:.2f}")
+    print(f"tiny preset, CPU, 1 rank: compact vocabulary {rc:8.0f} tokens/s, ratio to GPT-2's {rc / r1:.2f}")
     return 0
 
 
