@@ -26,13 +26,13 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from experiments.common import SMALL
+from experiments.common import SMALL, atomic_write_text, first_last, fmt, markdown_table
 from harness.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +94,6 @@ def _f(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _g(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
-
-
 def _mean(xs) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(xs)) if xs else math.nan
@@ -110,12 +106,6 @@ def _rel(a: float, b: float) -> float:
 
 def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    from experiments.common import markdown_table
-
-    return markdown_table(header, rows)
 
 
 def _figures(d: Path, root: Path) -> str:
@@ -144,12 +134,10 @@ class Section:
     title: str
     text: str  # the section's markdown (figures, tables, answer)
     numbers: dict[str, Any] = field(default_factory=dict)  # what the summary and results.json need
-    seconds: float = 0.0
 
 
 def study_gradient_rank(out: Path, sizes: Sizes) -> Section:
     from experiments import gradient_rank
-    from experiments.common import first_last
 
     d = out / "gradient_rank"
     r = gradient_rank.run(d, seed=0, **sizes.lm)
@@ -163,7 +151,8 @@ def study_gradient_rank(out: Path, sizes: Sizes) -> Section:
     adam0, adam1 = start_end(r["adam"], "eff_rank")
     muon0, muon1 = start_end(r["muon"], "eff_rank")
     ns0, ns1 = start_end(r["muon"], "eff_rank_ns")
-    down = lambda run, key: sum(1 for n in layers if (lambda a, b: b < a)(*first_last(run[key][n])))  # noqa: E731
+    def down(run: dict, key: str) -> int:  # matrices whose rank ended below where it started
+        return sum(1 for a, b in (first_last(run[key][n]) for n in layers) if b < a)
     n = dict(
         width=r["size"]["model_dim"], layers=len(layers),
         adam_start=adam0, adam_end=adam1, muon_start=muon0, muon_end=muon1, ns_start=ns0, ns_end=ns1,
@@ -178,11 +167,11 @@ def study_gradient_rank(out: Path, sizes: Sizes) -> Section:
 
 Mean over the {len(layers)} hidden matrices (effective rank of the raw gradient, of width {s['model_dim']}):
 
-{_table(["", "start", "end"], [["Adam, raw gradient", _g(adam0), _g(adam1)], ["Muon, raw gradient", _g(muon0), _g(muon1)],
-                             ["Muon, after Newton-Schulz", _g(ns0), _g(ns1)]])}
-**Answer.** The raw gradients' effective rank moved from {_g(adam0)} to {_g(adam1)} under Adam
-({n['adam_layers_down']}/{len(layers)} matrices went down) and from {_g(muon0)} to {_g(muon1)} under
-Muon ({n['muon_layers_down']}/{len(layers)} down); Newton-Schulz lifted Muon's updates to {_g(ns1)}
+{markdown_table(["", "start", "end"], [["Adam, raw gradient", fmt(adam0), fmt(adam1)], ["Muon, raw gradient", fmt(muon0), fmt(muon1)],
+                             ["Muon, after Newton-Schulz", fmt(ns0), fmt(ns1)]])}
+**Answer.** The raw gradients' effective rank moved from {fmt(adam0)} to {fmt(adam1)} under Adam
+({n['adam_layers_down']}/{len(layers)} matrices went down) and from {fmt(muon0)} to {fmt(muon1)} under
+Muon ({n['muon_layers_down']}/{len(layers)} down); Newton-Schulz lifted Muon's updates to {fmt(ns1)}
 of {s['model_dim']} at the end. Final validation loss: Adam {_f(n['adam_val'])}, Muon {_f(n['muon_val'])}
 ({_pct(gap)}). Scale: one seed, {s['steps']} steps of {s['batch']}x{s['seq_len']} tokens on the local
 corpus (Python sources, compact vocabulary), so a loss gap of a few percent is within what another
@@ -202,11 +191,11 @@ def study_digits(out: Path, sizes: Sizes) -> Section:
          for name, a in arms.items()}
     fell = [name for name, v in n.items() if v["rank_last"] < v["rank_first"]]
     best = max(n, key=lambda k: n[k]["acc_last"])
-    rows = [[name, f"{_g(v['rank_first'])} → {_g(v['rank_last'])}", f"{_g(v['ns_first'])} → {_g(v['ns_last'])}",
+    rows = [[name, f"{fmt(v['rank_first'])} → {fmt(v['rank_last'])}", f"{fmt(v['ns_first'])} → {fmt(v['ns_last'])}",
              _f(v["acc_last"], 3)] for name, v in n.items()]
     text = f"""{_figures(d, out)}
 
-{_table(["optimizer", "grad eff. rank, epoch 1 → last", "after NS, epoch 1 → last", "test accuracy (last epoch)"], rows)}
+{markdown_table(["optimizer", "grad eff. rank, epoch 1 → last", "after NS, epoch 1 → last", "test accuracy (last epoch)"], rows)}
 **Answer.** The gradients' effective rank fell from the first to the last epoch for
 {len(fell)} of {len(n)} optimizers ({', '.join(fell) or 'none'}); after Newton-Schulz it stays near full.
 Best final accuracy: {best} ({_f(n[best]['acc_last'], 3)}). Scale: scikit-learn's 8x8 digits (1,797
@@ -234,7 +223,7 @@ def study_rank_manipulation(out: Path, sizes: Sizes) -> Section:
     first = out / "rank_manipulation" / f"seed{sizes.manip_seeds[0]}"
     text = f"""{_figures(first, out)}
 
-{_table(["mode", "final val loss per seed", "mean", "vs full"], rows)}
+{markdown_table(["mode", "final val loss per seed", "mean", "vs full"], rows)}
 Largest seed-to-seed spread of one mode: {_f(spread)}; a mode differs "clearly" from full when its
 mean is more than twice that away.
 
@@ -259,7 +248,7 @@ def study_gradient_snr(out: Path, sizes: Sizes) -> Section:
                  for s in pts}
     higher = {s: sum(1 for v in r["snr"][s].values() if v["orth"] > v["raw"]) for s in pts}
     count = len(next(iter(r["snr"].values())))
-    rows = [[s, _g(a), _g(b), f"{higher[s]}/{count}"] for s, (a, b) in per_point.items()]
+    rows = [[s, fmt(a), fmt(b), f"{higher[s]}/{count}"] for s, (a, b) in per_point.items()]
     if all(b > a for a, b in per_point.values()):
         verdict = "higher"
     elif all(b < a for a, b in per_point.values()):
@@ -271,9 +260,9 @@ def study_gradient_snr(out: Path, sizes: Sizes) -> Section:
 
 {(d / "table.md").read_text(encoding="utf-8").split(chr(10), 2)[2].strip()}
 
-{_table(["step", "mean SNR, raw", "mean SNR, orthogonalized", "matrices where orthogonalized > raw"], rows)}
+{markdown_table(["step", "mean SNR, raw", "mean SNR, orthogonalized", "matrices where orthogonalized > raw"], rows)}
 **Answer.** At the measured points the orthogonalized gradients had {verdict} SNR than the raw
-ones (mean over matrices; orthogonalized/raw = {_g(ratio)} on average over the points). SNR = ||mean_b g_b|| / ||std_b g_b|| over {r['minibatches']}
+ones (mean over matrices; orthogonalized/raw = {fmt(ratio)} on average over the points). SNR = ||mean_b g_b|| / ||std_b g_b|| over {r['minibatches']}
 minibatches at fixed weights. Scale: one seed, a {sizes.small['num_layers']}-layer {sizes.small['model_dim']}-wide GPT.
 """
     return Section("Gradient signal-to-noise: raw against orthogonalized", text,
@@ -342,7 +331,7 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
         if first:
             v = [_mean(x[0] for x in first), _mean(x[0] for x in last), _mean(x[1] for x in first), _mean(x[1] for x in last)]
             rho_numbers[tag] = v
-            rho_rows.append([tag, *(_g(x) for x in v)])
+            rho_rows.append([tag, *(fmt(x) for x in v)])
 
     numbers = {
         "groups": {r.group: dict(n=r.n, mean=r.mean, std=r.std, delta=r.delta, p=r.p_value, values=r.values) for r in rows},
@@ -375,19 +364,19 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
 
 Adding back m·G_par against Polar(G_perp) alone (spectral_lr_0 as the reference):
 
-{_table(["group", "final val loss", "Δ vs spectral_lr_0", "p (Welch)"], perp_rows)}
+{markdown_table(["group", "final val loss", "Δ vs spectral_lr_0", "p (Welch)"], perp_rows)}
 **The four-way comparison**
 
 ![four-way]({(d4 / 'final_loss.png').relative_to(out).as_posix()})
 ![four-way val loss]({(d4 / 'val_loss_step.png').relative_to(out).as_posix()})
 
-{_table(["update", "group", "n", "final val loss", "Δ vs Polar(G)", "p (Welch)"], four_rows)}
+{markdown_table(["update", "group", "n", "final val loss", "Δ vs Polar(G)", "p (Welch)"], four_rows)}
 **rho over training** (`rho = <G,W>/||W||^2` and `||G_par||/||G||` per layer, logged at every
 validation step; below, the mean over layers and seeds at the first such step after step 0 and at the last)
 
 {_figures(d_rho, out)}
 
-{_table(["group", "rho first", "rho last", "‖G_par‖/‖G‖ first", "‖G_par‖/‖G‖ last"], rho_rows)}
+{markdown_table(["group", "rho first", "rho last", "‖G_par‖/‖G‖ first", "‖G_par‖/‖G‖ last"], rho_rows)}
 **Answer.** Best group: {rows[0].group} ({_f(rows[0].mean)}; standard {_f(base.mean)} ± {_f(base.std)}).
 Significantly better than standard (Welch p < 0.05): {', '.join(r.group for r in better) or 'none'};
 significantly worse: {', '.join(r.group for r in worse) or 'none'}. Scale: the tiny preset ({scale}), on
@@ -424,22 +413,22 @@ def weight_dynamics(out: Path, standard: list) -> Section:
     for b, cols in sorted(table.items()):
         numbers[b] = {k: _mean(v) for k, v in cols.items()}
         v = numbers[b]
-        rows.append([b, f"{_g(v['align_wdw_first'])} → {_g(v['align_wdw_last'])}",
-                     f"{_g(v['w_entropy_first'])} → {_g(v['w_entropy_last'])}", f"{_g(v['w_smax_first'])} → {_g(v['w_smax_last'])}"])
+        rows.append([b, f"{fmt(v['align_wdw_first'])} → {fmt(v['align_wdw_last'])}",
+                     f"{fmt(v['w_entropy_first'])} → {fmt(v['w_entropy_last'])}", f"{fmt(v['w_smax_first'])} → {fmt(v['w_smax_last'])}"])
     deep = [numbers[b]["align_wdw_last"] for b in sorted(numbers)]
     avg = {k: _mean(v[k] for v in numbers.values()) for k in next(iter(numbers.values()), {})}
     text = f"""{_figures(d, out)}
 
-{_table(["block (depth)", "W/ΔW alignment, first → last", "spectral entropy of W", "σ_max(W)"], rows)}
+{markdown_table(["block (depth)", "W/ΔW alignment, first → last", "spectral entropy of W", "σ_max(W)"], rows)}
 Mean over each block's attention and MLP matrices and over the {len(standard)} standard runs, at the
 first and last diagnostics step. Alignment: the mean cosine of the principal angles between the
 top-k left singular subspaces of W and of the applied update ΔW (1 = the update acts in W's
 dominant directions); entropy of σ(W)² normalised to [0, 1]; σ_max is the "stretching".
 
-**Answer.** Averaged over depth, the W/ΔW alignment went from {_g(avg.get('align_wdw_first'))} to
-{_g(avg.get('align_wdw_last'))} (block 0: {_g(deep[0]) if deep else 'n/a'}, last block: {_g(deep[-1]) if deep else 'n/a'} at the end),
-the spectral entropy of W from {_g(avg.get('w_entropy_first'))} to {_g(avg.get('w_entropy_last'))}, and σ_max(W)
-from {_g(avg.get('w_smax_first'))} to {_g(avg.get('w_smax_last'))}. The figures show every matrix over
+**Answer.** Averaged over depth, the W/ΔW alignment went from {fmt(avg.get('align_wdw_first'))} to
+{fmt(avg.get('align_wdw_last'))} (block 0: {fmt(deep[0]) if deep else 'n/a'}, last block: {fmt(deep[-1]) if deep else 'n/a'} at the end),
+the spectral entropy of W from {fmt(avg.get('w_entropy_first'))} to {fmt(avg.get('w_entropy_last'))}, and σ_max(W)
+from {fmt(avg.get('w_smax_first'))} to {fmt(avg.get('w_smax_last'))}. The figures show every matrix over
 training (first seed).
 """
     return Section("Update/weight alignment and spectral entropy by depth (standard NorMuon runs)", text,
@@ -461,14 +450,14 @@ def summary(sections: dict[str, Section]) -> str:
         a, m = _rel(n["adam_start"], n["adam_end"]), _rel(n["muon_start"], n["muon_end"])
         moved = abs(a) > 0.1 or abs(m) > 0.1
         lines.append(f"| (1) Does the gradients' effective rank change during training? | {'yes' if moved else 'no'} "
-                     f"| raw-gradient rank, mean of {n['layers']} matrices: Adam {_g(n['adam_start'])} → {_g(n['adam_end'])} "
-                     f"({_pct(a)}), Muon {_g(n['muon_start'])} → {_g(n['muon_end'])} ({_pct(m)})"
+                     f"| raw-gradient rank, mean of {n['layers']} matrices: Adam {fmt(n['adam_start'])} → {fmt(n['adam_end'])} "
+                     f"({_pct(a)}), Muon {fmt(n['muon_start'])} → {fmt(n['muon_end'])} ({_pct(m)})"
                      + (f"; digits MLP: fell for {len(dg.numbers['fell'])}/3 optimizers" if dg else "") + " |")
         diff = _rel(n["adam_end"], n["muon_end"])
         ns_gap = _rel(n["adam_end"], n["ns_end"])
         lines.append(f"| (2) Do Adam and Muon differ in those dynamics? | {'yes' if abs(diff) > 0.1 or abs(ns_gap) > 0.5 else 'no'} "
-                     f"| end of training: raw rank Adam {_g(n['adam_end'])} vs Muon {_g(n['muon_end'])} ({_pct(diff)}); "
-                     f"Muon's update after NS {_g(n['ns_end'])} of {n['width']}; val loss Adam {_f(n['adam_val'])} vs "
+                     f"| end of training: raw rank Adam {fmt(n['adam_end'])} vs Muon {fmt(n['muon_end'])} ({_pct(diff)}); "
+                     f"Muon's update after NS {fmt(n['ns_end'])} of {n['width']}; val loss Adam {_f(n['adam_val'])} vs "
                      f"Muon {_f(n['muon_val'])} (one seed) |")
     if rm:
         n = rm.numbers
@@ -490,7 +479,7 @@ def summary(sections: dict[str, Section]) -> str:
         lines.append(f"| (4) Which part of orthogonalization matters? | {verdict} | the direction (singular vectors) is "
                      f"kept by every mode, so it is not isolated here; equalized/orthonormal vs full: "
                      f"{'clear' if (eq or on) else 'within noise'}; low_rank vs full: {'clear' if lr else 'within noise'}"
-                     + (f"; Muon's NS lifts update rank to {_g(gr.numbers['ns_end'])}" if gr else "") + " |")
+                     + (f"; Muon's NS lifts update rank to {fmt(gr.numbers['ns_end'])}" if gr else "") + " |")
     if ords:
         n = ords.numbers
         g = n["groups"]
@@ -510,7 +499,7 @@ def summary(sections: dict[str, Section]) -> str:
             ans = "inconclusive"
         if best_add:
             lines.append(f"| ORD: does adding back m·G_par help, at which m? | {ans} | lowest mean: {best_add} "
-                         f"({_f(g[best_add]['mean'])} vs standard {_f(g['standard']['mean'])}, p {_g(g[best_add]['p'])}); "
+                         f"({_f(g[best_add]['mean'])} vs standard {_f(g['standard']['mean'])}, p {fmt(g[best_add]['p'])}); "
                          f"vs standard at p<0.05, better: {', '.join(helped) or 'none'}, worse: {', '.join(hurt) or 'none'}; "
                          f"vs Polar(G_perp), better: {', '.join(helped_perp) or 'none'}, worse: "
                          f"{', '.join(t for t in n['worse_than_perp'] if t in adds) or 'none'} |")
@@ -519,7 +508,7 @@ def summary(sections: dict[str, Section]) -> str:
                        else "inconclusive")
             lines.append(f"| ORD: is Polar(G_perp) better or worse than Polar(G)? | {verdict} | "
                          f"{_f(perp['mean'])} ± {_f(perp['std'])} vs {_f(g['standard']['mean'])} ± {_f(g['standard']['std'])}, "
-                         f"p {_g(perp['p'])} |")
+                         f"p {fmt(perp['p'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -531,7 +520,7 @@ def comparison_with_reference(sections: dict[str, Section]) -> str:
         out.append(f"- Seeds (REFERENCE.md): in a 4-layer 256-wide GPT after 200 steps Muon's updates kept effective rank "
                    f"~230 of 256 against ~40-50 for Adam's raw gradients, and Muon's loss was 2.8% lower (6.83 vs 7.03). "
                    f"Here ({n['size']['num_layers']}x{n['size']['model_dim']}, {n['size']['steps']} steps): Muon after NS "
-                   f"{_g(n['ns_end'])} of {n['width']}, Adam raw {_g(n['adam_end'])}; loss {_pct(_rel(n['adam_val'], n['muon_val']))} "
+                   f"{fmt(n['ns_end'])} of {n['width']}, Adam raw {fmt(n['adam_end'])}; loss {_pct(_rel(n['adam_val'], n['muon_val']))} "
                    f"({_f(n['muon_val'])} vs {_f(n['adam_val'])}; our corpus is Python source, easier than web text, "
                    f"so the absolute losses are not comparable).")
     if dg:
@@ -587,7 +576,7 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     sections: dict[str, Section] = {}
     lm = {**sizes.lm, "data": str(data)}
     small = {**sizes.small, "data": str(data)}
-    sizes = Sizes(**{**asdict(sizes), "lm": lm, "small": small})
+    sizes = replace(sizes, lm=lm, small=small)
     steps = {
         "gradient_rank": lambda: {"gradient_rank": study_gradient_rank(out, sizes)},
         "digits": lambda: {"digits": study_digits(out, sizes)},
@@ -598,10 +587,7 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     for name in only:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        got = steps[name]()
-        for s in got.values():
-            s.seconds = time.perf_counter() - t0
-        sections.update(got)
+        sections.update(steps[name]())
         print(f"== {name}: {time.perf_counter() - t0:.0f}s", flush=True)
     minutes = (time.perf_counter() - t_all) / 60
 
@@ -610,8 +596,8 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     meta = {"commit": commit, "dirty": dirty, "quick": quick, "sections": list(only), "python": platform.python_version(),
             "torch": torch.__version__, "threads": THREADS, "machine": platform.machine(), "cpus": os.cpu_count(),
             "sizes": asdict(sizes), "sweep_file": SWEEP_FILE.relative_to(ROOT).as_posix(), "minutes": minutes}
-    _write(out / "runs.json", json.dumps(_json_safe({**meta, "runs": runs}), indent=1))
-    _write(out / "results.json", json.dumps(_json_safe({name: s.numbers for name, s in sections.items()}), indent=1, sort_keys=True))
+    atomic_write_text(out / "runs.json", json.dumps(_json_safe({**meta, "runs": runs}), indent=1))
+    atomic_write_text(out / "results.json", json.dumps(_json_safe({name: s.numbers for name, s in sections.items()}), indent=1, sort_keys=True))
 
     order = ("gradient_rank", "digits", "rank_manipulation", "gradient_snr", "weight_dynamics", "ord_sweep")
     body = []
@@ -645,14 +631,8 @@ sweep alone: `python launch_lr_sweep.py sweeps/report_ord.toml`; any study alone
 `python -m experiments.<name> --out DIR` (see `--help`). Same machine, same numbers: every
 run is seeded, single-process per run, with {THREADS} threads.
 """
-    _write(out / "REPORT.md", text)
+    atomic_write_text(out / "REPORT.md", text)
     return out / "REPORT.md"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
