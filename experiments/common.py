@@ -24,7 +24,7 @@ import torch
 from harness.config import Config
 from harness.errors import UserError
 from harness.model import GPT, ModelShape
-from harness.optim import MatrixRef
+from harness.optim import MatrixRef, matrix_refs
 from kernels import orthogonalize
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 128
@@ -127,22 +127,14 @@ def make_gpt(size: LMSize, vocab_size: int, seed: int) -> GPT:
 
 def hidden_matrices(model: GPT) -> list[MatrixRef]:
     """The matrices Muon takes in the harness (attention q, k, v, proj; MLP fc, proj), by name."""
-    roles = model.param_roles()
-    out = []
-    for name, p in model.named_parameters():
-        if roles[name] != "muon":
-            continue
-        names = model.matrix_names(name, p)
-        out.extend([MatrixRef(names[0], p, None)] if p.ndim == 2 else
-                   [MatrixRef(nm, p, i) for i, nm in enumerate(names)])
-    return out
+    return matrix_refs(model.param_specs(), dict(model.named_parameters()))
 
 
 def hidden_params(model: GPT) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(Muon-type parameters, the rest: embeddings, head, scalars)."""
-    roles = model.param_roles()
-    hidden = [p for n, p in model.named_parameters() if roles[n] == "muon"]
-    rest = [p for n, p in model.named_parameters() if roles[n] != "muon"]
+    muon = {s.name for s in model.param_specs() if s.optim == "muon"}
+    hidden = [p for n, p in model.named_parameters() if n in muon]
+    rest = [p for n, p in model.named_parameters() if n not in muon]
     return hidden, rest
 
 

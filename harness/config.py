@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,36 +76,49 @@ class Config:
     val_loss_every_last: int = 0
     grad_clip: float = 0.0  # 0 = off
 
-    # --- optimizer ------------------------------------------------------------------------
+    # --- optimizer (the fork's rules: REFERENCE.md "Optimizer"; harness/optim.py) ----------
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85
     muon_momentum_warmup_steps: int = 300
     muon_momentum_cooldown_steps: int = 50
+    # decoupled decay by wd * lr * lr_eff (proportional to the LR squared, as the fork)
     muon_wd: float = 0.0
-    cautious_wd: bool = False
+    cautious_wd: bool = False  # decay only where the update and the weight agree in sign
+    # the MLP output projection's LR factor on top of the shape factor (the fork's 2x: 4x in all)
+    muon_lr_mul_mlp_proj: float = 2.0
     normuon: bool = True
-    normuon_beta2: float = 0.9
+    normuon_beta2: float = 0.95
     ns_method: str = "polar_express"
     ns_steps: int = 5
     ns_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32
-    adam_lr_embed: float = 0.3
-    adam_lr_head: float = 0.008
-    adam_lr_scalar: float = 0.04
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
+    # Adam: base LR, eps and weight decay; per-label betas and LR / WD multipliers from the fork's
+    # table (harness/optim.py ADAM_TABLE), changed by adam_overrides "LABEL.KEY=V,..." with KEY one
+    # of lr_mul, wd_mul, beta1, beta2 and LABEL a parameter label or * for all. The CPU default
+    # keeps the tiny recipe that predates the fork's table (embedding LR 0.3, betas 0.8/0.95, no
+    # decay, every step); the speedrun preset is the fork's.
+    adam_lr: float = 0.008
     adam_eps: float = 1e-10
     adam_wd: float = 0.0
+    adam_overrides: dict[str, float] = field(
+        default_factory=lambda: {"embed.lr_mul": 37.5, "*.beta1": 0.8, "*.beta2": 0.95})
+    adam_every: int = 1  # 2: Adam steps on odd steps with two steps' gradients summed (the fork); 1: every step
+    tied_embed: bool = False  # embed and head tied until the first (odd) step of embed_split_stage
+    embed_split_stage: int = 2
 
     # --- ORD (train_gpt_muon_new.py) ------------------------------------------------------
     ord: bool = False  # set by train_gpt_muon_new.py
-    spectral_lr_mul: float = 1.0
-    spectral_lr_mul_attn: float | None = None
-    spectral_lr_mul_mlp: float | None = None
+    # s, ORD's coefficient; None = ORD off (train_gpt.py). The ORD script defaults it to 1.0.
+    spectral_lr_mul: float | None = None
+    spectral_lr_mul_attn: float | None = None  # s for the attention matrices (default: spectral_lr_mul)
+    spectral_lr_mul_mlp: float | None = None  # s for the MLP matrices (default: spectral_lr_mul)
     spectral_proj_eps: float = 1e-12
-    ord_project: bool = False
-    ord_reproject: bool = False
-    ord_parallel_placement: str = "after_norm"
+    # interpolated: Polar(G - s G_par) (the fork); projected: Polar(G - G_par) whatever s
+    ord_form: str = "interpolated"
+    # fork: G_par in the fork's gradient units (sum loss x grad_scale); mean: in mean-loss units
+    ord_units: str = "fork"
+    ord_placement: str = "after_norm"  # add s G_par after NorMuon (the fork) or before it
+    ord_reproject: bool = False  # project Polar's output onto W's orthogonal complement too
 
     # --- diagnostics ----------------------------------------------------------------------
     diag_every: int = 0  # 0 = off
@@ -156,6 +170,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         muon_lr=0.023,
         muon_wd=1.2,
         cautious_wd=True,
+        adam_overrides={},
+        adam_wd=0.005,
+        adam_every=2,
+        tied_embed=True,
     ),
 }
 
@@ -212,6 +230,8 @@ def parse_value(name: str, text: str, source: str) -> Any:
     tp, optional = _base_type(types_[name])
     if optional and text.strip().lower() in ("", "none", "null"):
         return None
+    if typing.get_origin(tp) is dict:
+        return _parse_mapping(name, tp, text, source)
     if typing.get_origin(tp) is list:
         (elem,) = typing.get_args(tp)
         parts = text.split(",")
@@ -221,6 +241,18 @@ def parse_value(name: str, text: str, source: str) -> Any:
     return _parse_scalar(name, tp, text, source)
 
 
+def _parse_mapping(name: str, tp: Any, text: str, source: str) -> dict[str, Any]:
+    """`KEY=V,KEY=V` (an empty text is the empty mapping)."""
+    _, elem = typing.get_args(tp)
+    out: dict[str, Any] = {}
+    for item in (t for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{source}: {name}={text!r} is not a comma-separated list of KEY=VALUE ({item!r})")
+        out[key.strip()] = _parse_scalar(name, elem, value, source)
+    return out
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Accept python values (from presets, TOML sweeps, tests) of the right type, or their text form."""
     if isinstance(value, str):
@@ -228,6 +260,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     tp, optional = _base_type(_field_types()[name])
     if value is None and optional:
         return None
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {name}={value!r} has the wrong type (expected a table of KEY = VALUE)")
+        _, elem = typing.get_args(tp)
+        return {str(k): _coerce_scalar(name, elem, v, source) for k, v in value.items()}
     if typing.get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -289,8 +326,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(cfg.ns_dtype in ("auto", "bfloat16", "float16", "float32"), "ns_dtype", cfg.ns_dtype,
            "auto, bfloat16, float16 or float32")
     _check(cfg.ns_method in ("polar_express", "quintic"), "ns_method", cfg.ns_method, "polar_express or quintic")
-    _check(cfg.ord_parallel_placement in ("after_norm", "before_norm"), "ord_parallel_placement",
-           cfg.ord_parallel_placement, "after_norm or before_norm")
+    _validate_ord(cfg)
     n_stages = 4
     _check(len(cfg.batch_sizes) == n_stages, "batch_sizes", cfg.batch_sizes,
            "four values: tokens per step for the three scheduled stages and the extension")
@@ -306,21 +342,18 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
            "must be finite and >= 0")
     _check(cfg.device_batch_tokens % cfg.seq_len == 0, "device_batch_tokens", cfg.device_batch_tokens,
            f"must be a multiple of seq_len={cfg.seq_len}")
-    for name in ("muon_lr", "adam_lr_embed", "adam_lr_head", "adam_lr_scalar", "adam_eps"):
+    for name in ("muon_lr", "adam_lr", "adam_eps", "muon_lr_mul_mlp_proj"):
         v = getattr(cfg, name)
         _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
-    for name in ("muon_momentum", "muon_momentum_start", "normuon_beta2", "adam_beta1", "adam_beta2"):
+    _check(cfg.adam_every in (1, 2), "adam_every", cfg.adam_every, "1 (every step) or 2 (odd steps, the fork)")
+    _check(0 <= cfg.embed_split_stage <= 3, "embed_split_stage", cfg.embed_split_stage, "a stage: 0, 1, 2 or 3")
+    _validate_adam_overrides(cfg.adam_overrides)
+    for name in ("muon_momentum", "muon_momentum_start", "normuon_beta2"):
         v = getattr(cfg, name)
         _check(0.0 <= v < 1.0, name, v, "must be in [0, 1)")
     for name in ("muon_wd", "adam_wd", "grad_clip", "logit_softcap"):
         v = getattr(cfg, name)
         _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
-    for name in ("spectral_lr_mul", "spectral_lr_mul_attn", "spectral_lr_mul_mlp"):
-        v = getattr(cfg, name)
-        if v is not None:
-            _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
-    _check(math.isfinite(cfg.spectral_proj_eps) and cfg.spectral_proj_eps >= 0, "spectral_proj_eps",
-           cfg.spectral_proj_eps, "must be finite and >= 0")
     if world_size is not None:
         per_step = world_size * cfg.seq_len
         for b in cfg.batch_sizes:
@@ -330,6 +363,46 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check(cfg.val_tokens % per_step == 0, "val_tokens", cfg.val_tokens,
                f"must be divisible by world_size x seq_len = {per_step}")
     return cfg
+
+
+ORD_FIELDS = ("spectral_lr_mul", "spectral_lr_mul_attn", "spectral_lr_mul_mlp", "spectral_proj_eps", "ord_form",
+              "ord_units", "ord_placement", "ord_reproject")
+ADAM_OVERRIDE_KEYS = ("lr_mul", "wd_mul", "beta1", "beta2")
+
+
+def _validate_ord(cfg: Config) -> None:
+    if not cfg.ord:
+        # ORD's options belong to train_gpt_muon_new.py: a standard run that names one is a mistake
+        for name in ORD_FIELDS:
+            default = Config.__dataclass_fields__[name].default
+            _check(getattr(cfg, name) == default, name, getattr(cfg, name),
+                   "an ORD option of train_gpt_muon_new.py; train_gpt.py runs standard Muon")
+        return
+    for name in ("spectral_lr_mul", "spectral_lr_mul_attn", "spectral_lr_mul_mlp"):
+        v = getattr(cfg, name)
+        if v is not None:
+            _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
+    _check(cfg.spectral_lr_mul is not None, "spectral_lr_mul", None, "a number >= 0 with ORD on")
+    _check(math.isfinite(cfg.spectral_proj_eps) and cfg.spectral_proj_eps >= 0, "spectral_proj_eps",
+           cfg.spectral_proj_eps, "must be finite and >= 0")
+    _check(cfg.ord_form in ("interpolated", "projected"), "ord_form", cfg.ord_form, "interpolated or projected")
+    _check(cfg.ord_units in ("fork", "mean"), "ord_units", cfg.ord_units, "fork or mean")
+    _check(cfg.ord_placement in ("after_norm", "before_norm"), "ord_placement", cfg.ord_placement,
+           "after_norm or before_norm")
+
+
+def _validate_adam_overrides(overrides: Mapping[str, float]) -> None:
+    from harness.params import ADAM_LABELS
+
+    for key, value in overrides.items():
+        label, _, what = key.partition(".")
+        _check(label in (*ADAM_LABELS, "*") and what in ADAM_OVERRIDE_KEYS, "adam_overrides", key,
+               f"keys are LABEL.KEY with LABEL one of *, {', '.join(ADAM_LABELS)} and KEY one of"
+               f" {', '.join(ADAM_OVERRIDE_KEYS)}")
+        if what.startswith("beta"):
+            _check(0.0 <= value < 1.0, "adam_overrides", f"{key}={value}", "betas must be in [0, 1)")
+        else:
+            _check(math.isfinite(value) and value >= 0, "adam_overrides", f"{key}={value}", "must be finite and >= 0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,12 +449,17 @@ def load_config(
     values: dict[str, Any] = {"preset": preset}
     for name, value in PRESETS[preset].items():
         values[name] = _coerce(name, value, f"preset {preset}")
+    ord_on = bool((overrides or {}).get("ord"))
     for name in field_names():
         key = env_name(name)
-        if key in _RESERVED_ENV or name == "preset":
+        if key in _RESERVED_ENV or name == "preset" or key not in env:
             continue
-        if key in env:
-            values[name] = parse_value(name, env[key], f"env {key}")
+        if name in ORD_FIELDS and not ord_on:
+            # as the fork's train_gpt.py: one shell drives both scripts, so an ORD variable in the
+            # environment is not this run's business (a flag is, and is refused in validate)
+            print(f"note: env {key} ignored: train_gpt.py runs standard Muon", file=sys.stderr)
+            continue
+        values[name] = parse_value(name, env[key], f"env {key}")
     for name, text in flag_values.items():
         if name != "preset":
             values[name] = parse_value(name, text, f"flag --{name}")
@@ -389,6 +467,8 @@ def load_config(
         if name not in field_names():
             raise UserError(f"overrides: unknown config field {name!r}")
         values[name] = _coerce(name, value, "overrides")
+    if values.get("ord") and values.get("spectral_lr_mul") is None:
+        values["spectral_lr_mul"] = 1.0  # the ORD script's default, as the fork's SPECTRAL_LR_MUL
     return validate(Config(**values))
 
 

@@ -133,9 +133,9 @@ class SpectralDiagnostics:
         self.selected = set(names)
         self.spectra = cfg.diag_spectra
         self.spectra_path = Path(cfg.log_dir) / f"{cfg.run_id}.spectra.npz"
-        roles = model.param_roles()
+        labels = {s.name: s.label for s in model.param_specs()}
         self.adam_params = [(n, p) for n, p in model.named_parameters()
-                            if cfg.diag_embed_head and roles[n] in ("embed", "head") and p.ndim == 2]
+                            if cfg.diag_embed_head and labels[n] in ("embed", "value_embed", "lm_head") and p.ndim == 2]
         self.columns = {g: self._width(g) for g in range(len(opt.muon.groups))}
         self._rows: dict[int, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}

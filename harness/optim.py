@@ -1,29 +1,43 @@
-"""The optimizers: sharded NorMuon (with ORD) for the hidden matrices, all-reduced AdamW for the rest.
+"""The optimizers, with the fork's rules (REFERENCE.md "Optimizer"; reference/fork/train_gpt.py):
+sharded NorMuon (with ORD) for the hidden matrices, per-label Adam for the rest.
 
-Muon. Matrices of one shape form a group (a (3, d, d) stack counts as three d x d matrices). The
-group's gradients are stacked, padded with zero matrices to a multiple of the world size, and
-reduce-scattered (mean), so each rank owns a contiguous share of the matrices. Each rank runs
-momentum, orthogonalization, NorMuon and the update on its share only, then the updated weights
-are all-gathered: the per-rank orthogonalization work falls as 1/world size. With
-`overlap_with_backward`, a group's reduce-scatter starts from a gradient hook as soon as the
-last of its gradients is accumulated, while the backward pass goes on.
+Gradient units. The trainer hands over gradients in the fork's units: the fork sums the loss
+over the tokens of a micro-batch and scales it by grad_scale = 2 / grad_accum_steps (with
+grad_accum_steps = 8 / world_size), then averages over ranks: (B / 4) x the gradient of the mean
+loss for a global batch of B tokens, at any world size. Polar, NorMuon and Adam (up to its eps)
+do not care about the scale; ORD's added-back G_par and the clip norm do.
 
-ORD (train_gpt_muon_new.py), per matrix with G the momentum-adjusted gradient and W the weight:
-rho = <G,W> / (||W||² + eps), G_par = rho W, G_perp = G - G_par,
-update = Polar(G_perp) + spectral_lr_mul * G_par (added after NorMuon by default, or before it).
-With spectral_lr_mul = 0 and no projection the ORD code is skipped entirely, so the update is the
-standard one bit for bit.
+Muon. `muon_update` is the whole update of a batch of matrices as one function (momentum, ORD,
+orthogonalization, NorMuon); `ShardedMuon` runs it on this rank's share. Matrices of one shape
+form a group; the group's gradients are stacked, padded with zero matrices to a multiple of the
+world size and reduce-scattered (mean), each rank updates its share, and the new weights are
+all-gathered: per-rank orthogonalization work falls as 1/world size. With backward hooks, a
+group's reduce-scatter starts as soon as its last gradient is accumulated. Per matrix:
+lr_eff = muon_lr x lr_mul(step) x shape factor x role factor, where the shape factor is the
+fork's max(1, rows/cols)^0.5 on the fork's stored layout (every MLP matrix stored tall, hidden x
+dim: sqrt(hidden/dim) for both), and the MLP output projection gets muon_lr_mul_mlp_proj (2x) on
+top. Weight decay W -= W x mask x wd x (muon_lr x lr_mul) x lr_eff, the mask being update x W >= 0
+(cautious), computed with the final update.
 
-Adam: embeddings, head and scalars, all-reduced rather than sharded. These are a handful of
-tensors (mostly the two vocabulary-sized matrices); an all-reduce moves the same bytes as a
-reduce-scatter plus all-gather, and their Adam state (~0.6 GB for the speedrun model) does not
-need sharding on an 80 GB GPU, so the simpler path wins.
+ORD (train_gpt_muon_new.py), per matrix, G after momentum and W the weight:
+rho = <G,W> / (||W||^2 + eps), G_par = rho W; Polar(G - s G_par) (ord_form interpolated, the
+fork) or Polar(G - G_par) (projected); NorMuon; + s G_par (after NorMuon, or before it with
+ord_placement before_norm; in mean-loss units with ord_units mean). With s = 0 the interpolated
+form is the standard update bit for bit.
+
+Adam (embeddings, head, scalars, gates): the fork's per-label table of betas and LR / weight
+decay multipliers, its update (eps outside the bias correction, cautious decay by lr^2 x wd),
+stepped every adam_every-th step (2: odd steps, with the gradients of two steps summed). With
+tied_embed, the head and the embedding are one matrix until the split step: the embedding's
+gradient is added to the head's, the head is updated, and the embedding copies it; at the split
+the embedding takes over the head's Adam state. Gradients are all-reduced (on Adam steps only):
+a handful of tensors whose state fits a GPU; sharding them is left for later.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -31,36 +45,182 @@ import torch.nn as nn
 
 from harness import dist as hdist
 from harness.config import Config
+from harness.params import ParamSpec
 from kernels import orthogonalize
 
-# per-matrix statistics the ORD path can report (order of columns in the stats tensor)
+# per-matrix statistics the ORD script logs at validation steps (columns of the stats tensor)
 ORD_STATS = ("rho", "spectral_frac", "update_norm", "cos_update_w")
+
+
+# ------------------------------------------------------------------------------------------
+# Muon: the update of a batch of matrices
+
+
+@dataclass(frozen=True)
+class OrdMode:
+    form: str  # interpolated | projected
+    units: str  # fork | mean
+    placement: str  # after_norm | before_norm
+    reproject: bool
+    eps: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "OrdMode | None":
+        if not cfg.ord:
+            return None
+        return cls(cfg.ord_form, cfg.ord_units, cfg.ord_placement, cfg.ord_reproject, cfg.spectral_proj_eps)
+
+
+@dataclass(frozen=True)
+class MuonRule:
+    """Everything about Muon's update that is fixed for a run, resolved once from the config."""
+
+    ns_method: str
+    ns_steps: int
+    ns_dtype: torch.dtype
+    normuon: bool
+    beta2: float
+    ord: OrdMode | None
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device) -> "MuonRule":
+        return cls(cfg.ns_method, cfg.ns_steps, ns_dtype(cfg, device), cfg.normuon, cfg.normuon_beta2,
+                   OrdMode.from_config(cfg))
+
+
+@dataclass
+class MuonParts:
+    """What one update computed, per matrix of the batch (k, m, n): the direction (before the
+    LR) and the parts the diagnostics and the ORD statistics read."""
+
+    update: torch.Tensor
+    G: torch.Tensor  # the gradient after Nesterov momentum
+    ns_in: torch.Tensor  # what was orthogonalized
+    ns_out: torch.Tensor  # the orthogonalization's output
+    rho: torch.Tensor | None = None  # (k, 1, 1), ORD only
+    G_par: torch.Tensor | None = None
+
+    def stats(self, W: torch.Tensor, eps: float) -> torch.Tensor:
+        """(k, len(ORD_STATS)): rho, ||G_par||/||G||, ||update||, cos(update, W)."""
+        w_sq = W.square().sum(dim=(-2, -1))
+        rho = self.rho.flatten() if self.rho is not None else (self.G * W).sum(dim=(-2, -1)) / (w_sq + eps)
+        g_norm = self.G.norm(dim=(-2, -1))
+        u_norm = self.update.norm(dim=(-2, -1))
+        cos = (self.update * W).sum(dim=(-2, -1)) / (u_norm * w_sq.sqrt()).clamp_min(1e-30)
+        return torch.stack([rho, rho.abs() * w_sq.sqrt() / g_norm.clamp_min(1e-30), u_norm, cos], dim=1)
+
+
+def normuon(O: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (the fork's variance reduction): a running mean of O^2 per neuron (rows when
+    rows >= cols, else columns; second_moment is updated in place), O scaled by its rsqrt
+    (floored at 1e-10), then rescaled so each matrix keeps the Frobenius norm it had."""
+    reduce_dim = -1 if O.size(-2) >= O.size(-1) else -2
+    v_mean = O.float().square().mean(dim=reduce_dim, keepdim=True)
+    size = O.size(reduce_dim)
+    norm_before = v_mean.sum(dim=(-2, -1), keepdim=True).mul_(size).sqrt_()
+    second_moment.lerp_(v_mean.to(second_moment.dtype), 1 - beta2)
+    step_size = second_moment.clamp_min(1e-10).rsqrt_()
+    norm_after = ((v_mean * size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt_()
+    return O * (step_size * (norm_before / norm_after.clamp_min_(1e-10))).type_as(O)
+
+
+def ord_split(G: torch.Tensor, W: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix (the last two dims): rho = <G,W> / (||W||^2 + eps) and G_par = rho W."""
+    rho = (G * W).sum(dim=(-2, -1), keepdim=True) / W.square().sum(dim=(-2, -1), keepdim=True).add_(eps)
+    return rho, rho * W
+
+
+def muon_update(
+    grad: torch.Tensor,
+    W: torch.Tensor,
+    momentum_buf: torch.Tensor,
+    second_moment: torch.Tensor,
+    momentum: float,
+    rule: MuonRule,
+    s: torch.Tensor | float = 0.0,
+    unit_scale: float = 1.0,
+) -> MuonParts:
+    """Muon's update of a batch of matrices (k, m, n): Nesterov momentum (updates momentum_buf),
+    ORD when rule.ord is set (s: its coefficient, per matrix (k, 1, 1) or one number; unit_scale:
+    the factor from mean-loss to the gradient's units, for ord_units mean), orthogonalization,
+    NorMuon (updates second_moment). Returns the direction before the learning rate, and parts."""
+    momentum_buf.lerp_(grad, 1 - momentum)
+    G = grad.lerp(momentum_buf, momentum)
+    mode = rule.ord
+    rho = G_par = None
+    if mode is None:
+        ns_in = G
+    else:
+        rho, G_par = ord_split(G, W, mode.eps)
+        ns_in = G - (G_par if mode.form == "projected" else s * G_par)
+    O = orthogonalize(ns_in, method=rule.ns_method, steps=rule.ns_steps, dtype=rule.ns_dtype)
+    ns_out = O
+    if mode is not None and mode.reproject:
+        O = O - ord_split(O, W, mode.eps)[1]
+    add_back = None
+    if mode is not None:
+        add_back = s * G_par if mode.units == "fork" else s * G_par / unit_scale
+        if mode.placement == "before_norm":
+            O = O + add_back
+    if rule.normuon:
+        O = normuon(O, second_moment, rule.beta2)
+    if mode is not None and mode.placement == "after_norm":
+        O = O + add_back
+    return MuonParts(update=O.float(), G=G, ns_in=ns_in, ns_out=ns_out, rho=rho, G_par=G_par)
+
+
+def ns_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.ns_dtype]
+
+
+def matrix_lr_factor(role: str, shape: tuple[int, int], cfg: Config) -> float:
+    """The fork's per-matrix LR factor: max(1, rows/cols)^0.5 on its stored layout (attention
+    square, MLP matrices stored tall), times muon_lr_mul_mlp_proj for the MLP output projection."""
+    m, n = shape
+    factor = (max(m, n) / min(m, n)) ** 0.5 if role.startswith("mlp") else max(1.0, m / n) ** 0.5
+    return factor * (cfg.muon_lr_mul_mlp_proj if role == "mlp_proj" else 1.0)
+
+
+def matrix_spectral_mul(role: str, cfg: Config) -> float:
+    """ORD's s for a matrix: the per-kind value where set, else spectral_lr_mul (0 with ORD off)."""
+    if role.startswith("attn") and cfg.spectral_lr_mul_attn is not None:
+        return cfg.spectral_lr_mul_attn
+    if role.startswith("mlp") and cfg.spectral_lr_mul_mlp is not None:
+        return cfg.spectral_lr_mul_mlp
+    return cfg.spectral_lr_mul or 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Muon: sharded over ranks
 
 
 @dataclass
 class MatrixRef:
-    """One matrix of a Muon parameter: the whole 2D parameter, or one slice of a 3D stack."""
+    """One matrix of a Muon parameter: the parameter viewed as (-1, m, n), entry `index`."""
 
     name: str
     param: nn.Parameter
-    index: int | None
+    index: int
+    role: str
+    shape: tuple[int, int]
 
     @property
     def kind(self) -> str:
-        if ".attn." in self.name:
-            return "attn"
-        if ".mlp." in self.name:
-            return "mlp"
-        return "other"
+        return self.role.split("_")[0] if self.role != "pad" else "other"
 
     def weight(self) -> torch.Tensor:
-        return self.param if self.index is None else self.param[self.index]
+        return self.param.view(-1, *self.shape)[self.index]
 
     def grad(self) -> torch.Tensor | None:
         g = self.param.grad
-        if g is None:
-            return None
-        return g if self.index is None else g[self.index]
+        return None if g is None else g.view(-1, *self.shape)[self.index]
+
+
+def matrix_refs(specs: list[ParamSpec], params: dict[str, nn.Parameter]) -> list[MatrixRef]:
+    return [MatrixRef(m.name, params[s.name], i, m.role, s.matrix_shape)
+            for s in specs if s.optim == "muon" for i, m in enumerate(s.matrices)]
 
 
 @dataclass
@@ -72,6 +232,8 @@ class MuonGroup:
     params: list[nn.Parameter] = field(default_factory=list)
     momentum: torch.Tensor | None = None
     second_moment: torch.Tensor | None = None
+    lr_factor: torch.Tensor | None = None  # (per_rank, 1, 1) for this rank's share
+    spectral_mul: torch.Tensor | None = None  # (per_rank, 1, 1), ORD's s for this rank's share
     pending: Callable[[], torch.Tensor] | None = None  # waits for this step's reduce-scatter
     share: torch.Tensor | None = None  # this step's reduced gradient share, once waited for (clipping)
     ready_count: int = 0
@@ -97,6 +259,12 @@ class MuonGroup:
         start = self.rank * self.per_rank
         return range(start, min(start + self.per_rank, len(self.refs)))
 
+    def share_values(self, value: Callable[[MatrixRef], float], device: torch.device) -> torch.Tensor:
+        """(per_rank, 1, 1) of value(ref) over this rank's share (0 for padding)."""
+        vals = [value(self.refs[i]) if i < len(self.refs) else 0.0
+                for i in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)]
+        return torch.tensor(vals, dtype=torch.float32, device=device).view(-1, 1, 1)
+
     def stacked_grads(self) -> torch.Tensor:
         m, n = self.shape
         p0 = self.refs[0].param
@@ -116,40 +284,14 @@ class MuonGroup:
         return out
 
 
-def normuon_(O: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon: divide by a running per-neuron RMS (rows when tall, columns when wide), then
-    rescale so each matrix keeps the Frobenius norm it had."""
-    m, n = O.shape[-2:]
-    reduce_dim = -1 if m >= n else -2
-    v = O.square().mean(dim=reduce_dim, keepdim=True)
-    second_moment.lerp_(v, 1 - beta2)
-    norm_before = O.norm(dim=(-2, -1), keepdim=True)
-    O = O / (second_moment.sqrt() + 1e-10)
-    norm_after = O.norm(dim=(-2, -1), keepdim=True)
-    return O * (norm_before / norm_after.clamp_min(1e-30))
-
-
-def ord_decompose(G: torch.Tensor, W: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per matrix (the last two dims): rho = <G,W> / (||W||² + eps), G_par = rho W, G_perp = G - G_par."""
-    w_sq = W.square().sum(dim=(-2, -1), keepdim=True)
-    rho = (G * W).sum(dim=(-2, -1), keepdim=True) / (w_sq + eps)
-    G_par = rho * W
-    return rho, G_par, G - G_par
-
-
-def ns_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.ns_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.ns_dtype]
-
-
 class ShardedMuon:
     def __init__(self, matrices: list[MatrixRef], cfg: Config, info: hdist.DistInfo):
         self.cfg = cfg
         self.info = info
+        self.rule = MuonRule.from_config(cfg, info.device)
         by_shape: dict[tuple[int, int], list[MatrixRef]] = {}
         for r in matrices:
-            by_shape.setdefault(tuple(r.weight().shape), []).append(r)
+            by_shape.setdefault(tuple(r.shape), []).append(r)
         self.groups = [MuonGroup(shape, refs, info.world_size, info.rank) for shape, refs in by_shape.items()]
         for g in self.groups:
             m, n = g.shape
@@ -157,17 +299,16 @@ class ShardedMuon:
             g.momentum = torch.zeros(g.per_rank, m, n, dtype=torch.float32, device=dev)
             sm_shape = (g.per_rank, m, 1) if m >= n else (g.per_rank, 1, n)
             g.second_moment = torch.zeros(sm_shape, dtype=torch.float32, device=dev)
+            g.lr_factor = g.share_values(lambda r: matrix_lr_factor(r.role, r.shape, cfg), dev)
+            g.spectral_mul = g.share_values(lambda r: matrix_spectral_mul(r.role, cfg), dev)
         self.launch_on_ready = False  # set by the trainer for the micro-batch whose backward syncs
         self._hooks: list = []
-        self.ns_dtype = ns_dtype(cfg, info.device)
-        self.last_stats: dict[str, dict[str, float]] = {}
         # Inspection hook (harness/diagnostics.py): when set, called per group on the owner rank
         # as inspect(group, probe) with this rank's share (per_rank, m, n, padding included) of:
         # grad (reduced raw gradient), G (after momentum), ns_in / ns_out (the orthogonalization's
         # input and output), update (the direction after NorMuon/ORD, before the LR), W (before
         # the step) and dW (the applied change). It only reads them: the step is unchanged.
         self.inspect: Callable[[MuonGroup, dict[str, torch.Tensor]], None] | None = None
-        self._probe: dict[str, torch.Tensor] | None = None
 
     # --- communication --------------------------------------------------------------------
     def _launch(self, g: MuonGroup) -> None:
@@ -214,106 +355,47 @@ class ShardedMuon:
         return [g.share for g in self.groups]
 
     # --- the update -----------------------------------------------------------------------
-    def spectral_muls(self, g: MuonGroup) -> torch.Tensor:
-        cfg = self.cfg
-        vals = []
-        for j in range(g.per_rank):
-            i = g.rank * g.per_rank + j
-            kind = g.refs[i].kind if i < len(g.refs) else "other"
-            s = cfg.spectral_lr_mul
-            if kind == "attn" and cfg.spectral_lr_mul_attn is not None:
-                s = cfg.spectral_lr_mul_attn
-            elif kind == "mlp" and cfg.spectral_lr_mul_mlp is not None:
-                s = cfg.spectral_lr_mul_mlp
-            vals.append(s)
-        return torch.tensor(vals, dtype=torch.float32, device=g.momentum.device).view(-1, 1, 1)
-
-    def _ord_active(self) -> bool:
-        cfg = self.cfg
-        if not cfg.ord:
-            return False
-        muls = [cfg.spectral_lr_mul, cfg.spectral_lr_mul_attn, cfg.spectral_lr_mul_mlp]
-        return cfg.ord_project or cfg.ord_reproject or any(m not in (None, 0.0) for m in muls)
-
     @torch.no_grad()
-    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False) -> None:
+    def step(self, lr_mul: float, momentum: float, unit_scale: float = 1.0,
+             collect_stats: bool = False) -> dict[str, dict[str, float]]:
+        """One step of every group; returns {matrix name: ORD_STATS} when collect_stats."""
         cfg = self.cfg
         for g in self.groups:
             if g.pending is None and g.share is None:
                 self._launch(g)
-        gathers = []
-        stats_gathers = []
+        lr = cfg.muon_lr * lr_mul
+        gathers, stats_gathers = [], []
         for g in self.groups:
             grad = self._take_share(g)
             W = g.owned_weights()
-            self._probe = {"W": W.clone()} if self.inspect is not None else None
-            update, stats = self._update(g, grad, W, momentum, collect_stats)
-            m, n = g.shape
-            lr = cfg.muon_lr * lr_mul * max(1.0, m / n) ** 0.5
+            W0 = W.clone() if self.inspect is not None else None
+            parts = muon_update(grad, W, g.momentum, g.second_moment, momentum, self.rule, g.spectral_mul, unit_scale)
+            update, lr_eff = parts.update, lr * g.lr_factor
             if cfg.muon_wd > 0:
-                decay = W * (lr * cfg.muon_wd)
-                if cfg.cautious_wd:
-                    decay = decay * (update * W >= 0)
-                W.sub_(decay)
-            W.sub_(update, alpha=lr)
+                mask = (update * W >= 0) if cfg.cautious_wd else torch.ones_like(W, dtype=torch.bool)
+                W.copy_(W - W * mask * (cfg.muon_wd * lr) * lr_eff - update * lr_eff)
+            else:
+                W.sub_(update * lr_eff)
+            m, n = g.shape
             full = torch.empty(g.padded, m, n, dtype=torch.float32, device=W.device)
             gathers.append((g, hdist.all_gather_async(full, W), full))
-            if self._probe is not None:  # runs while the weights' all-gather is in flight
-                probe, self._probe = self._probe, None
-                probe.update(grad=grad, update=update, dW=W - probe["W"])
-                self.inspect(g, probe)
-            if stats is not None:
+            if W0 is not None:  # runs while the weights' all-gather is in flight
+                self.inspect(g, dict(W=W0, grad=grad, G=parts.G, ns_in=parts.ns_in, ns_out=parts.ns_out,
+                                     update=update, dW=W - W0))
+            if collect_stats:
+                stats = parts.stats(W if W0 is None else W0, cfg.spectral_proj_eps)
                 full_stats = torch.empty(g.padded, stats.size(1), dtype=stats.dtype, device=stats.device)
                 stats_gathers.append((g, hdist.all_gather_async(full_stats, stats)))
         for g, wait, full in gathers:
             wait()
             for i, r in enumerate(g.refs):
                 r.weight().copy_(full[i])
-        self.last_stats = {}
+        out: dict[str, dict[str, float]] = {}
         for g, wait in stats_gathers:
             full_stats = wait().cpu()
             for i, r in enumerate(g.refs):
-                self.last_stats[r.name] = dict(zip(ORD_STATS, full_stats[i].tolist()))
-
-    def _update(self, g: MuonGroup, grad: torch.Tensor, W: torch.Tensor, momentum: float, collect: bool):
-        """Momentum, (ORD,) orthogonalization and NorMuon on this rank's share; returns the
-        update direction (before the learning rate) and, when asked, the ORD statistics."""
-        cfg = self.cfg
-        buf = g.momentum
-        buf.lerp_(grad, 1 - momentum)
-        G = grad.lerp(buf, momentum)  # Nesterov
-        ord_on = self._ord_active()
-        if ord_on:
-            _, G_par, G_perp = ord_decompose(G, W, cfg.spectral_proj_eps)
-            O = orthogonalize(G_perp, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
-            if self._probe is not None:
-                self._probe.update(G=G, ns_in=G_perp, ns_out=O)
-            if cfg.ord_reproject:
-                O = ord_decompose(O, W, cfg.spectral_proj_eps)[2]
-            s = self.spectral_muls(g)
-            if cfg.ord_parallel_placement == "before_norm":
-                O = O + s * G_par
-            if cfg.normuon:
-                O = normuon_(O, g.second_moment, cfg.normuon_beta2)
-            if cfg.ord_parallel_placement == "after_norm":
-                O = O + s * G_par
-        else:
-            O = orthogonalize(G, method=cfg.ns_method, steps=cfg.ns_steps, dtype=self.ns_dtype).float()
-            if self._probe is not None:
-                self._probe.update(G=G, ns_in=G, ns_out=O)
-            if cfg.normuon:
-                O = normuon_(O, g.second_moment, cfg.normuon_beta2)
-        stats = None
-        if collect:
-            w_sq = W.square().sum(dim=(-2, -1))
-            dot = (G * W).sum(dim=(-2, -1))
-            rho = dot / (w_sq + cfg.spectral_proj_eps)
-            g_norm = G.norm(dim=(-2, -1))
-            par_norm = rho.abs() * w_sq.sqrt()
-            u_norm = O.norm(dim=(-2, -1))
-            cos = (O * W).sum(dim=(-2, -1)) / (u_norm * w_sq.sqrt()).clamp_min(1e-30)
-            stats = torch.stack([rho, par_norm / g_norm.clamp_min(1e-30), u_norm, cos], dim=1)
-        return O, stats
+                out[r.name] = dict(zip(ORD_STATS, full_stats[i].tolist()))
+        return out
 
     # --- state (checkpoints) ---------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -355,20 +437,106 @@ class ShardedMuon:
                     mine[j].copy_(full[i])
 
 
-class AllReducedAdam:
-    """AdamW on embeddings, head and scalars; gradients averaged over ranks in one flat buffer."""
+# ------------------------------------------------------------------------------------------
+# Adam
 
-    def __init__(self, groups: list[dict], cfg: Config):
-        self.base_lrs = [grp["lr"] for grp in groups]
-        self.params = [p for grp in groups for p in grp["params"]]
-        self.opt = torch.optim.AdamW(
-            groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd,
-            foreach=True,
-        )
+
+@dataclass(frozen=True)
+class AdamSetting:
+    beta1: float
+    beta2: float
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+
+
+# The fork's param table (TrainingManager.param_table) for its Adam labels.
+ADAM_TABLE: dict[str, AdamSetting] = {
+    "scalars": AdamSetting(0.9, 0.99, lr_mul=5.0, wd_mul=0.0),
+    "value_embed": AdamSetting(0.75, 0.95, lr_mul=75.0, wd_mul=5.0),
+    "bigram_embed": AdamSetting(0.75, 0.95, lr_mul=75.0, wd_mul=5.0),
+    "smear_gate": AdamSetting(0.9, 0.99, lr_mul=0.01, wd_mul=0.0),
+    "skip_gate": AdamSetting(0.9, 0.99, lr_mul=0.05, wd_mul=0.0),
+    "attn_gate_bank": AdamSetting(0.9, 0.99),
+    "ve_gate_bank": AdamSetting(0.9, 0.99),
+    "x0_lambdas": AdamSetting(0.65, 0.95, lr_mul=5.0, wd_mul=0.0),
+    "lm_head": AdamSetting(0.5, 0.95, wd_mul=150.0),
+    "embed": AdamSetting(0.5, 0.95, wd_mul=150.0),
+}
+
+
+def adam_settings(cfg: Config) -> dict[str, AdamSetting]:
+    """ADAM_TABLE with cfg.adam_overrides applied (`*.KEY` first, then `LABEL.KEY`)."""
+    out = dict(ADAM_TABLE)
+    for wildcard in (True, False):
+        for key, value in cfg.adam_overrides.items():
+            label, _, what = key.partition(".")
+            if (label == "*") != wildcard:
+                continue
+            for name in (out if wildcard else [label]):
+                out[name] = replace(out[name], **{what: value})
+    return out
+
+
+def adam_update_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, t: int,
+                 lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """The fork's Adam step t (1-based) on p: eps added to sqrt(v) before the bias correction,
+    cautious decoupled decay by lr^2 x wd where the update and p agree in sign."""
+    exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+    update = exp_avg.div(exp_avg_sq.sqrt().add_(eps)).mul_(step_size)
+    mask = (update * p) > 0
+    update.addcmul_(p, mask, value=lr * lr * wd)
+    p.sub_(update)
+
+
+@dataclass
+class AdamEntry:
+    name: str
+    label: str
+    param: nn.Parameter
+    setting: AdamSetting
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    t: int = 0
+
+
+class LabelledAdam:
+    """Adam over labelled parameters, all-reduced, every `adam_every`-th step, with the
+    embedding tied to the head until `split_step` (cfg.tied_embed)."""
+
+    def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None):
+        settings = adam_settings(cfg)
+        self.cfg = cfg
+        self.entries = [AdamEntry(name, label, p, settings[label], torch.zeros_like(p, dtype=torch.float32),
+                                  torch.zeros_like(p, dtype=torch.float32)) for name, label, p in named]
+        by_label = {e.label: e for e in self.entries}
+        self.head, self.embed = by_label.get("lm_head"), by_label.get("embed")
+        self.split_step = split_step if cfg.tied_embed and self.head and self.embed else None
+        self.tied = self.split_step is not None
+        if self.tied and tuple(self.head.param.shape) not in (tuple(self.embed.param.shape),
+                                                              tuple(self.embed.param.shape[::-1])):
+            raise ValueError(f"tied_embed: head {tuple(self.head.param.shape)} and embedding"
+                             f" {tuple(self.embed.param.shape)} are not one matrix")
         self._pending: tuple[Callable[[], torch.Tensor], torch.Tensor] | None = None
 
+    def due(self, step: int) -> bool:
+        return self.cfg.adam_every == 1 or step % 2 == 1
+
+    def _as_head(self, t: torch.Tensor) -> torch.Tensor:
+        """The embedding's layout turned into the head's (they may be stored transposed)."""
+        return t if t.shape == self.head.param.shape else t.T
+
+    def _active(self) -> list[AdamEntry]:
+        return [e for e in self.entries if not (self.tied and e is self.embed)]
+
     def launch_reduce(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.tied and self.embed.param.grad is not None:
+            # one matrix while tied: the head takes the embedding's gradient too
+            if self.head.param.grad is None:
+                self.head.param.grad = torch.zeros_like(self.head.param)
+            self.head.param.grad.add_(self._as_head(self.embed.param.grad))
+        grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in self._active()]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self._pending = (hdist.all_reduce_mean_async(flat), flat)
 
@@ -381,52 +549,78 @@ class AllReducedAdam:
         return wait()
 
     @torch.no_grad()
-    def step(self, lr_mul: float) -> None:
+    def step(self, step: int, lr_mul: float) -> None:
+        cfg = self.cfg
         flat = self.reduced()
         self._pending = None
         offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        for e in self._active():
+            n = e.param.numel()
+            g = flat[offset: offset + n].view_as(e.param)
             offset += n
-        for grp, base in zip(self.opt.param_groups, self.base_lrs):
-            grp["lr"] = base * lr_mul
-        self.opt.step()
+            e.t += 1
+            lr = cfg.adam_lr * lr_mul * e.setting.lr_mul
+            adam_update_(e.param.data, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
+                         e.setting.beta1, e.setting.beta2, cfg.adam_eps, cfg.adam_wd * e.setting.wd_mul)
+        if self.tied:
+            self.embed.param.data.copy_(self._as_head(self.head.param.data))
+            if step == self.split_step:  # untie: the embedding goes on from the head's state
+                for key in ("exp_avg", "exp_avg_sq"):
+                    getattr(self.embed, key).copy_(self._as_head(getattr(self.head, key)))
+                self.embed.t = self.head.t
+                self.tied = False
+
+    def zero_grad(self) -> None:
+        for e in self.entries:
+            e.param.grad = None
 
     def state_dict(self) -> dict:
-        return self.opt.state_dict()
+        """Per parameter name: the moments and the step count; whether the embedding is still
+        tied; and, between the two steps of an adam_every=2 pair, the gradients summed so far."""
+        return {
+            "tied": self.tied,
+            "params": {e.name: {"exp_avg": e.exp_avg.cpu(), "exp_avg_sq": e.exp_avg_sq.cpu(), "t": e.t}
+                       for e in self.entries},
+            "pending_grads": {e.name: e.param.grad.detach().cpu() for e in self.entries if e.param.grad is not None},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state)
+        saved = state["params"]
+        if set(saved) != {e.name for e in self.entries}:
+            raise ValueError(f"Adam state for {sorted(saved)[:4]}... does not match these parameters")
+        for e in self.entries:
+            s = saved[e.name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                mine = getattr(e, key)
+                if tuple(s[key].shape) != tuple(mine.shape):
+                    raise ValueError(f"Adam {key} of {e.name} has shape {tuple(s[key].shape)}, not {tuple(mine.shape)}")
+                mine.copy_(s[key])
+            e.t = int(s["t"])
+            pending = state.get("pending_grads", {}).get(e.name)
+            e.param.grad = None if pending is None else pending.to(e.param.device, e.param.dtype).clone()
+        self.tied = bool(state["tied"]) and self.split_step is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Both, as the trainer sees them
 
 
 class Optimizers:
-    """Muon + Adam as the trainer sees them: one step, one zero_grad, one state dict."""
+    """Muon + Adam from the model's parameter table: one step, one zero_grad, one state dict."""
 
-    def __init__(self, model: nn.Module, cfg: Config, info: hdist.DistInfo):
-        roles = model.param_roles()
-        matrices: list[MatrixRef] = []
-        adam_groups: dict[str, list[nn.Parameter]] = {"embed": [], "head": [], "scalar": []}
-        self.assignment: dict[str, str] = {}
-        for name, p in model.named_parameters():
-            role = roles[name]
-            if role == "muon":
-                names = model.matrix_names(name, p)
-                if p.ndim == 2:
-                    matrices.append(MatrixRef(names[0], p, None))
-                else:
-                    stack = p.view(-1, *p.shape[-2:])
-                    if stack.size(0) != len(names):
-                        names = [f"{name}.{i}" for i in range(stack.size(0))]
-                    matrices.extend(MatrixRef(nm, p, i) for i, nm in enumerate(names))
-                self.assignment[name] = "muon"
-            else:
-                adam_groups[role].append(p)
-                self.assignment[name] = f"adam_{role}"
-        lrs = {"embed": cfg.adam_lr_embed, "head": cfg.adam_lr_head, "scalar": cfg.adam_lr_scalar}
-        groups = [{"params": ps, "lr": lrs[role], "name": role} for role, ps in adam_groups.items() if ps]
-        self.muon = ShardedMuon(matrices, cfg, info)
-        self.adam = AllReducedAdam(groups, cfg)
+    def __init__(self, model: nn.Module, cfg: Config, info: hdist.DistInfo, split_step: int | None = None):
+        specs: list[ParamSpec] = model.param_specs()
+        params = dict(model.named_parameters())
+        missing = set(params) - {s.name for s in specs}
+        if missing:
+            raise ValueError(f"parameters without a param_specs() entry: {sorted(missing)}")
+        self.specs = specs
+        self.assignment = {s.name: "muon" if s.optim == "muon" else f"adam_{s.label}" for s in specs}
+        self.muon = ShardedMuon(matrix_refs(specs, params), cfg, info)
+        self.adam = LabelledAdam([(s.name, s.label, params[s.name]) for s in specs if s.optim == "adam"],
+                                 cfg, split_step)
+        self.muon_params = [params[s.name] for s in specs if s.optim == "muon"]
+        self._adam_stepped = True
         self.model = model
 
     def attach_backward_hooks(self) -> None:
@@ -436,37 +630,51 @@ class Optimizers:
         """True for the micro-batch whose backward completes this step's gradients."""
         self.muon.launch_on_ready = sync
 
-    def step(self, lr_mul: float, momentum: float, collect_stats: bool = False, clip: float = 0.0) -> float | None:
-        """One step of both; with clip > 0, first scale the averaged gradients so their global
-        norm is at most clip (torch's clip_grad_norm_ rule) and return the norm before clipping.
+    def step(self, step: int, lr_mul: float, momentum: float, unit_scale: float = 1.0,
+             collect_stats: bool = False, clip: float = 0.0) -> tuple[float | None, dict[str, dict[str, float]]]:
+        """Training step `step` of both (Adam only when it is due); with clip > 0, first scale the
+        averaged gradients so their global norm is at most clip (torch's clip_grad_norm_ rule).
+        Returns (the norm before clipping or None, the ORD statistics when collect_stats).
         Clipping must see the averaged gradient, which only exists after the reductions: the
         Muon shares are already in flight from the backward hooks, so clipping p.grad on each
         rank would miss them, and each rank would clip by a different, local norm."""
-        self.adam.launch_reduce()
-        norm = self._clip(clip) if clip > 0 else None
-        self.muon.step(lr_mul, momentum, collect_stats)
-        self.adam.step(lr_mul)
-        return norm
+        adam_due = self.adam.due(step)
+        if adam_due:
+            self.adam.launch_reduce()
+        norm = self._clip(clip, adam_due) if clip > 0 else None
+        stats = self.muon.step(lr_mul, momentum, unit_scale, collect_stats)
+        if adam_due:
+            self.adam.step(step, lr_mul)
+        self._adam_stepped = adam_due
+        return norm, stats
 
     @torch.no_grad()
-    def _clip(self, clip: float) -> float:
+    def _clip(self, clip: float, adam_due: bool) -> float:
         shares = self.muon.reduced_shares()
-        flat = self.adam.reduced()  # the same on every rank
+        flat = self.adam.reduced() if adam_due else None  # the same on every rank
         # every real matrix is owned by exactly one rank (padding is zero): sum the squares
-        muon_sq = torch.zeros(1, dtype=torch.float64, device=flat.device)
+        muon_sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
         for s in shares:
             muon_sq += s.double().square().sum()
-        total = (hdist.all_reduce_sum_(muon_sq) + flat.double().square().sum()).sqrt()
-        norm = float(total.item())
+        total = hdist.all_reduce_sum_(muon_sq)
+        if flat is not None:
+            total = total + flat.double().square().sum()
+        norm = float(total.sqrt().item())
         coef = clip / (norm + 1e-6)
         if coef < 1.0:
             for s in shares:
                 s.mul_(coef)
-            flat.mul_(coef)
+            if flat is not None:
+                flat.mul_(coef)
         return norm
 
     def zero_grad(self) -> None:
-        self.model.zero_grad(set_to_none=True)
+        """After step(): clear the Muon gradients, and Adam's when it stepped (else they go on
+        summing into the next step's)."""
+        for p in self.muon_params:
+            p.grad = None
+        if self._adam_stepped:
+            self.adam.zero_grad()
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adam": self.adam.state_dict()}

@@ -4,8 +4,10 @@ warm-up, and when to validate (REFERENCE.md, "The run").
 The scheduled steps S are split into three equal stages (boundaries at round(k/3 * S)), then an
 extension stage of E steps. Each stage has its global batch size (tokens per step) and LR
 multiplier. Cooldown starts at c = int(S * (1 - cooldown_frac)): for s >= c,
-t = min(1, (s - c) / (S - c)) and lr = m * (1 - t) + final * t; the extension runs at final.
-Without a cooldown (cooldown_frac = 0) the extension runs at its own multiplier.
+t = min(1, (s - c) / (S - c)) and lr = m * (1 - t) + final * t; the extension runs at final
+(also without a cooldown: the fork's get_lr, where the extension's own multiplier is never used).
+Muon's momentum warms up linearly over its first steps and cools down over the last ones, as the
+fork's get_muon_momentum (warm-up first where the two overlap).
 """
 
 from __future__ import annotations
@@ -75,27 +77,28 @@ class Schedule:
         stage = self.stage(step)
         m = self.lr_muls[stage]
         c, S = self.cooldown_start, self.scheduled
-        if c >= S:  # no cooldown
-            return m
-        if stage == 3:
-            return self.lr_final
         if step < c:
             return m
-        t = min(1.0, (step - c) / (S - c))
+        t = min(1.0, (step - c) / (S - c)) if S > c else 1.0
         return m * (1 - t) + self.lr_final * t
 
     def muon_momentum(self, step: int) -> float:
-        """Warm up from momentum_start to momentum, and back over the last steps of the run."""
-        mu = self.momentum
-        if self.momentum_warmup > 0:
-            frac = min(step / self.momentum_warmup, 1.0)
-            mu = (1 - frac) * self.momentum_start + frac * self.momentum
-        if self.momentum_cooldown > 0:
-            start = self.total - self.momentum_cooldown
-            if step >= start:
-                frac = min((step - start) / self.momentum_cooldown, 1.0)
-                mu = (1 - frac) * mu + frac * self.momentum_start
-        return mu
+        """Warm up from momentum_start to momentum over the first steps, back down over the last."""
+        lo, hi = self.momentum_start, self.momentum
+        cooldown_start = self.total - self.momentum_cooldown
+        if step < self.momentum_warmup:
+            return lo + step / self.momentum_warmup * (hi - lo)
+        if self.momentum_cooldown > 0 and step > cooldown_start:
+            return hi - (step - cooldown_start) / self.momentum_cooldown * (hi - lo)
+        return hi
+
+    def split_step(self, stage: int) -> int:
+        """The fork's untie step: the first step of `stage`, made odd so that Adam steps on it."""
+        return self.stage_start(stage) | 1
+
+    def stage_start(self, stage: int) -> int:
+        S = self.scheduled
+        return (0, round(S / 3), round(2 * S / 3), S)[stage]
 
     def validate_at(self, step: int) -> bool:
         """Validation happens before training step `step` (step 0) and after the last one (total)."""

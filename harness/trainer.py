@@ -57,6 +57,14 @@ class RunState:
     val_step: int = -1  # the step of the last validation (a resumed run does not redo it)
 
 
+def grad_unit(batch_tokens: int) -> float:
+    """The fork's gradient units over the mean loss's: it sums the loss over each rank's
+    micro-batches of B/8 tokens, scales by grad_scale = 2 / grad_accum_steps (8 / world_size
+    micro-batches) and averages over ranks, which is B/4 x the gradient of the mean loss at any
+    world size (32768, 65536 and 98304 for the speedrun's three batch sizes)."""
+    return batch_tokens / 4
+
+
 def default_run_id(cfg: Config) -> str:
     base = cfg.tag or (Path(cfg.script).stem if cfg.script else "run")
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -94,6 +102,7 @@ class Trainer:
         self.state = RunState()
         self.resumed_step: int | None = None  # the step of the checkpoint this run resumed from
         self.stop = StopRequest()  # main() installs its SIGTERM handler
+        self.ord_stats: dict[str, dict[str, float]] = {}  # the last step's, when collected
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -113,7 +122,7 @@ class Trainer:
         if self.device.type == "cuda":
             model.set_attention("flex")
         self.model = model
-        self.opt = Optimizers(model, cfg, info)
+        self.opt = Optimizers(model, cfg, info, split_step=self.schedule.split_step(cfg.embed_split_stage))
         self.opt.attach_backward_hooks()
         self.diag = SpectralDiagnostics(cfg, info, self.opt, model) if cfg.diag_every > 0 else None
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
@@ -240,20 +249,23 @@ class Trainer:
         micro = max(1, cfg.device_batch_tokens // cfg.seq_len)
         chunks = list(zip(x.split(micro), y.split(micro)))
         n_seqs = x.size(0)
+        # Gradients in the fork's units: (B / 4) x the gradient of the mean loss (harness/optim.py)
+        unit = grad_unit(batch_tokens)
         loss_sum = torch.zeros((), device=self.device)
         for i, (xc, yc) in enumerate(chunks):
             self.opt.set_sync(i == len(chunks) - 1)
             with _autocast(cfg, self.device):
                 loss = self.forward(xc, yc)
-            # weight by the chunk's share so the accumulated gradient is this rank's mean
-            (loss * (xc.size(0) / n_seqs)).backward()
+            # weight by the chunk's share so the accumulated gradient is this rank's mean (x unit)
+            (loss * (xc.size(0) / n_seqs * unit)).backward()
             loss_sum += loss.detach() * (xc.size(0) / n_seqs)
         lr_mul = self.schedule.lr_mul(step)
         diag = self.diag is not None and self.diag.due(step)
         if diag:
             self.diag.begin(step)
         # clipping (cfg.grad_clip) happens inside, on the averaged gradients
-        self.opt.step(lr_mul, self.schedule.muon_momentum(step), collect_stats=collect_stats, clip=cfg.grad_clip)
+        _, self.ord_stats = self.opt.step(step, lr_mul, self.schedule.muon_momentum(step), unit_scale=unit,
+                                          collect_stats=collect_stats, clip=cfg.grad_clip)
         if diag:
             self.diag.end(step)  # reads the Adam gradients: before zero_grad
         self.opt.zero_grad()
@@ -324,7 +336,7 @@ class Trainer:
     def _log_ord_stats(self, step: int) -> None:
         if not self.log:
             return
-        for name, stats in self.opt.muon.last_stats.items():
+        for name, stats in self.ord_stats.items():
             self.log.diag(step, name, **stats)
 
     def _diverged(self, step: int) -> int:

@@ -1,3 +1,4 @@
+import re
 import pytest
 
 from harness.config import PRESETS, Config, config_from_dict, load_config, validate
@@ -17,17 +18,46 @@ def test_preset_env_flag_priority():
     assert (cfg.num_scheduled_iterations, cfg.num_extension_iterations) == (1560, 40)
 
 
-def test_preset_from_env_and_lists():
-    cfg = load_config([], env={"PRESET": "speedrun", "BATCH_SIZES": "131072,262144,393216,393216",
-                               "LR_MULS": "1,1.52,1.73,1", "SPECTRAL_LR_MUL": "0.5", "RUN_ID": "abc-1"})
+def test_preset_from_env_and_lists(capsys):
+    env = {"PRESET": "speedrun", "BATCH_SIZES": "131072,262144,393216,393216", "LR_MULS": "1,1.52,1.73,1",
+           "SPECTRAL_LR_MUL": "0.5", "RUN_ID": "abc-1"}
+    cfg = load_config([], env=env, overrides={"ord": True})
     assert cfg.preset == "speedrun" and cfg.spectral_lr_mul == 0.5 and cfg.run_id == "abc-1"
     assert cfg.lr_muls == [1.0, 1.52, 1.73, 1.0]
+    # the standard script leaves ORD's variables alone (one shell drives both scripts), and says so
+    std = load_config([], env=env)
+    assert std.spectral_lr_mul is None and std.run_id == "abc-1"
+    assert "env SPECTRAL_LR_MUL ignored" in capsys.readouterr().err
+
+
+def test_ord_defaults_and_standard_run_records_no_multiplier():
+    assert load_config([], env={}).spectral_lr_mul is None
+    ord_cfg = load_config([], env={}, overrides={"ord": True})
+    assert (ord_cfg.spectral_lr_mul, ord_cfg.ord_form, ord_cfg.ord_units, ord_cfg.ord_placement) == (
+        1.0, "interpolated", "fork", "after_norm")
+    with pytest.raises(UserError, match="spectral_lr_mul=0.5 is invalid: an ORD option of train_gpt_muon_new.py"):
+        load_config(["--spectral_lr_mul", "0.5"], env={})
+    with pytest.raises(UserError, match="ord_form='projected' is invalid: an ORD option"):
+        load_config(["--ord_form", "projected"], env={})
 
 
 def test_bool_flags_and_optional():
-    cfg = load_config(["--ord_project", "--normuon", "0", "--spectral_lr_mul_attn", "0.3"], env={})
-    assert cfg.ord_project is True and cfg.normuon is False and cfg.spectral_lr_mul_attn == 0.3
+    cfg = load_config(["--ord_reproject", "--normuon", "0", "--spectral_lr_mul_attn", "0.3"], env={},
+                      overrides={"ord": True})
+    assert cfg.ord_reproject is True and cfg.normuon is False and cfg.spectral_lr_mul_attn == 0.3
     assert cfg.spectral_lr_mul_mlp is None
+
+
+def test_adam_overrides_parse_and_validate():
+    cfg = load_config(["--adam_overrides", "embed.lr_mul=10,*.beta1=0.7"], env={})
+    assert cfg.adam_overrides == {"embed.lr_mul": 10.0, "*.beta1": 0.7}
+    assert load_config(["--adam_overrides", ""], env={}).adam_overrides == {}
+    for text, needle in (("embed.lr=1", "adam_overrides='embed.lr' is invalid: keys are LABEL.KEY"),
+                         ("head.lr_mul=1", "adam_overrides='head.lr_mul'"),
+                         ("embed.beta1=1.0", "betas must be in [0, 1)"),
+                         ("embed.lr_mul", "not a comma-separated list of KEY=VALUE")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            load_config(["--adam_overrides", text], env={})
 
 
 def test_torchrun_variables_are_not_config():
@@ -49,9 +79,7 @@ def test_torchrun_variables_are_not_config():
         (["--ns_method", "svd"], {}, "polar_express or quintic"),
         (["--batch_sizes", "2048,4096"], {}, "four values"),
         (["--batch_sizes", "100,256,256,256"], {}, "multiple of seq_len=256"),
-        (["--spectral_lr_mul", "-1"], {}, "spectral_lr_mul=-1.0"),
-        (["--spectral_lr_mul", "nan"], {}, "spectral_lr_mul=nan"),
-        (["--ord_parallel_placement", "middle"], {}, "after_norm or before_norm"),
+        (["--adam_every", "3"], {}, "adam_every=3"),
         (["--bogus", "1"], {}, "unknown argument '--bogus'"),
         (["--normuon", "maybe"], {}, "is not a boolean"),
     ],
@@ -61,6 +89,22 @@ def test_bad_values_are_one_line_errors(argv, env, needle):
         load_config(argv, env=env)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--spectral_lr_mul", "-1"], "spectral_lr_mul=-1.0"),
+        (["--spectral_lr_mul", "nan"], "spectral_lr_mul=nan"),
+        (["--ord_placement", "middle"], "after_norm or before_norm"),
+        (["--ord_form", "branching"], "interpolated or projected"),
+        (["--ord_units", "sum"], "fork or mean"),
+    ],
+)
+def test_bad_ord_values_are_one_line_errors(argv, needle):
+    with pytest.raises(UserError) as e:
+        load_config(argv, env={}, overrides={"ord": True})
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_world_size_divisibility():

@@ -36,9 +36,16 @@ def test_speedrun_table():
     assert sched.lr_mul(1040) == pytest.approx(1.73 * (1 - 339 / 859) + 0.1 * 339 / 859)
 
 
-def test_no_cooldown_extension_uses_its_multiplier():
+def test_no_cooldown_extension_runs_at_the_final_multiplier():
+    # the fork's get_lr: with cooldown_frac 0 the cooldown starts at S with zero length, so the
+    # extension runs at lr_decay_final; the extension's own multiplier is never used
     sched = Schedule.from_config(load_config(["--cooldown_frac", "0", "--lr_muls", "1,2,3,4"], env={}))
-    assert [sched.lr_mul(s) for s in (0, 20, 40, 60, 65)] == [1, 2, 3, 4, 4]
+    assert [sched.lr_mul(s) for s in (0, 20, 40, 59, 60, 65)] == [1, 2, 3, 3, 0.1, 0.1]
+
+
+def test_split_step_is_the_odd_start_of_the_stage():
+    sched = Schedule.from_config(load_config(["--preset", "speedrun"], env={}))
+    assert sched.split_step(2) == 1041 and sched.split_step(1) == 521 and sched.split_step(0) == 1
 
 
 def test_momentum_warmup_and_cooldown():
@@ -48,6 +55,10 @@ def test_momentum_warmup_and_cooldown():
     assert sched.muon_momentum(300) == pytest.approx(0.95)
     assert sched.muon_momentum(1550) == pytest.approx(0.95)
     assert sched.muon_momentum(1575) == pytest.approx(0.90)
+    # a run shorter than warm-up + cool-down: the warm-up wins where they overlap (the fork's rule)
+    short = Schedule.from_config(load_config(["--num_scheduled_iterations", "60"], env={}))
+    assert short.muon_momentum(30) == pytest.approx(0.85 + 30 / 300 * 0.1)
+    assert short.muon_momentum(65) == pytest.approx(0.85 + 65 / 300 * 0.1)
 
 
 def test_validation_steps():
