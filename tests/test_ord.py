@@ -27,6 +27,7 @@ def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
     assert std.returncode == 0 and ord0.returncode == 0, ord0.stderr[-3000:]
     a, b = log_of(tmp_path / "std"), log_of(tmp_path / "ord")
     assert b.config["ord"] is True and b.config["spectral_lr_mul"] == 0.0 and b.config["script"] == "train_gpt_muon_new.py"
+    assert a.config["ord"] is False and a.config["spectral_lr_mul"] is None  # the standard run records no s
     assert len(a.train_steps) == 20
     assert logged_losses(a) == logged_losses(b)
     # the ORD script logs its diagnostics at validation steps, gathered from both ranks
@@ -34,7 +35,7 @@ def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
     assert "blocks.0.attn.qkv.q" in names and "blocks.1.mlp.proj.weight" in names and len(names) == 12
     for d in b.diags:
         assert {"rho", "spectral_frac", "update_norm", "cos_update_w"} <= set(d.values)
-    assert b.config["ord_parallel_placement"] == "after_norm"
+    assert (b.config["ord_placement"], b.config["ord_form"], b.config["ord_units"]) == ("after_norm", "interpolated", "fork")
 
 
 def test_zero_multiplier_update_is_bitwise_the_standard_one():
@@ -52,7 +53,8 @@ def test_zero_multiplier_update_is_bitwise_the_standard_one():
             g = torch.Generator().manual_seed(step)
             for p in m.parameters():
                 p.grad = torch.randn(p.shape, generator=g)
-            opt.step(1.0, 0.9, collect_stats=True)
+            opt.step(step, 1.0, 0.9, unit_scale=16.0, collect_stats=True)
+            opt.zero_grad()
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             assert torch.equal(p, q)
 
@@ -60,9 +62,9 @@ def test_zero_multiplier_update_is_bitwise_the_standard_one():
 def test_four_variants_differ(tmp_path, shards_dir):
     variants = {
         "polar_g": ["--spectral_lr_mul", "0"],
-        "polar_gperp": ["--spectral_lr_mul", "0", "--ord_project"],
+        "polar_gperp": ["--spectral_lr_mul", "0", "--ord_form", "projected"],
         "half": ["--spectral_lr_mul", "0.5"],
-        "full": ["--spectral_lr_mul", "1.0"],
+        "half_mean_units": ["--spectral_lr_mul", "0.5", "--ord_units", "mean"],
     }
     short = ["--num_scheduled_iterations", "6", "--val_loss_every", "3"]
     seen = {}
@@ -76,26 +78,25 @@ def test_four_variants_differ(tmp_path, shards_dir):
 
 def test_before_norm_placement_is_logged(tmp_path, shards_dir):
     short = ["--num_scheduled_iterations", "2", "--val_loss_every", "0", "--spectral_lr_mul", "1.0"]
-    proc = run_train(tmp_path, shards_dir, *short, "--ord_parallel_placement", "before_norm",
+    proc = run_train(tmp_path, shards_dir, *short, "--ord_placement", "before_norm",
                      script="train_gpt_muon_new.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert log_of(tmp_path).config["ord_parallel_placement"] == "before_norm"
+    assert log_of(tmp_path).config["ord_placement"] == "before_norm"
 
 
 def test_placements_give_different_updates():
     """before_norm: G_par goes through NorMuon's normalisation; after_norm: it is added after."""
-    from harness.optim import MatrixRef, ShardedMuon
+    from harness.optim import MuonRule, muon_update
 
     torch.manual_seed(6)
     W, grad = torch.randn(32, 16), torch.randn(32, 16) + 0.5 * torch.randn(32, 16)
     grad = grad + 2.0 * W  # a strong radial component
     outs = {}
     for placement in ("after_norm", "before_norm"):
-        cfg = load_config(["--spectral_lr_mul", "1.0", "--ord_parallel_placement", placement], env={},
-                          overrides={"ord": True})
-        muon = ShardedMuon([MatrixRef("blocks.0.mlp.fc.weight", torch.nn.Parameter(W.clone()), None)], cfg, WORLD1)
-        outs[placement], _ = muon._update(muon.groups[0], grad[None].clone(), W[None].clone(), momentum=0.0,
-                                          collect=False)
+        cfg = load_config(["--spectral_lr_mul", "1.0", "--ord_placement", placement], env={}, overrides={"ord": True})
+        rule = MuonRule.from_config(cfg, torch.device("cpu"))
+        outs[placement] = muon_update(grad[None].clone(), W[None].clone(), torch.zeros(1, 32, 16), torch.zeros(1, 32, 1),
+                                      0.0, rule, 1.0).update
     rel = (outs["after_norm"] - outs["before_norm"]).norm() / outs["after_norm"].norm()
     assert rel > 1e-2
 
@@ -103,7 +104,7 @@ def test_placements_give_different_updates():
 def test_bad_ord_values(tmp_path, shards_dir):
     for flags, needle in ((["--spectral_lr_mul", "-0.1"], "spectral_lr_mul=-0.1"),
                           (["--spectral_lr_mul", "inf"], "spectral_lr_mul=inf"),
-                          (["--ord_parallel_placement", "sideways"], "after_norm or before_norm")):
+                          (["--ord_placement", "sideways"], "after_norm or before_norm")):
         proc = run_train(tmp_path, shards_dir, *flags, script="train_gpt_muon_new.py")
         assert proc.returncode == 2
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
