@@ -240,10 +240,13 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert read_log(log_path(logs, again["run_id"])).finished
 
 
-def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
+def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
+    """Ctrl-C: the launcher passes SIGINT to the runs, which the trainer treats like SIGTERM
+    (checkpoint, status:preempted, exit 0), so --resume can continue them (issue 19)."""
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py",
-                                 "--parallel", "2", "--log-dir", str(logs), *tiny_sets(200)],
+                                 "--parallel", "2", "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}",
+                                 *tiny_sets(200)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         running = _wait_for(lambda: _running_with_steps(logs, 2), 120, "both runs training")
@@ -255,12 +258,13 @@ def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
     assert launcher.returncode == 130, out
     assert "SIGINT: stopping 2 run(s)" in out
     doc = manifest_doc(logs)
-    assert [x["status"] for x in doc["runs"]] == ["interrupted", "interrupted"]
+    assert [x["status"] for x in doc["runs"]] == ["preempted", "preempted"]
     for x in running:
         assert not processes_mentioning(x["run_id"])
         log = read_log(log_path(logs, x["run_id"]))
-        assert log.status == "interrupted" and not log.finished  # the trainer wrote its own status line
-    assert [x["exit_code"] for x in doc["runs"]] == [130, 130]
+        assert log.status == "preempted" and not log.finished  # the trainer wrote its own status line
+        assert (tmp_path / "ckpt" / x["run_id"] / f"step_{int(log.status_fields['step'])}.pt").exists()
+    assert [x["exit_code"] for x in doc["runs"]] == [0, 0]
 
 
 def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_path):
