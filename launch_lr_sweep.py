@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if parallel is not None and parallel < 1:
             raise UserError(f"--parallel {parallel}: must be >= 1")
         grace = args.grace if args.grace is not None else executor_saved.get("grace", 20.0)
+        if not (grace >= 0 and grace < float("inf")):
+            raise UserError(f"--grace {grace:g}: must be a finite number of seconds >= 0")
         executor = LocalExecutor(manifest, REPO_ROOT, parallel=parallel, gpus=gpus, grace_s=grace)
         manifest.executor = {"kind": "local", "parallel": parallel, "gpus": gpus, "grace": grace, "torchrun": use_torchrun}
 

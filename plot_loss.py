@@ -49,9 +49,47 @@ DPI = 120
 
 
 def load_runs(paths: Sequence[str | os.PathLike] | None = None) -> list[RunLog]:
-    """Parse the logs under files/directories (default: logs/)."""
-    files = find_logs(list(paths) if paths else ["logs"])
-    return [read_log(p) for p in files]
+    """Parse the logs under files/directories (default: logs/). A file named on the command line
+    that is not a run log is an error; a .txt in a directory that is not one is left out with a
+    note; no run log at all is an error (nothing would be drawn)."""
+    paths = list(paths) if paths else ["logs"]
+    runs, not_logs = [], []
+    for given in paths:
+        for f in find_logs([given]):
+            run = read_log(f)
+            if is_run_log(run):
+                runs.append(run)
+            elif Path(given).is_dir():
+                not_logs.append(f)
+            else:
+                raise UserError(f"{f}: not a run log (no step, config or status line of a training log)")
+    for f in not_logs:
+        print(f"note: {f}: not a run log; left out", file=sys.stderr)
+    if not runs:
+        where = ", ".join(map(str, paths))
+        what = f"{len(not_logs)} .txt file(s) there, none a run log" if not_logs else "no .txt files there"
+        raise UserError(f"no run logs to plot in {where} ({what})")
+    return runs
+
+
+def is_run_log(run: RunLog) -> bool:
+    return bool(run.ours or run.config is not None or run.val_steps or run.train_steps or run.status)
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """--out must be a directory we can write (checked before anything is drawn)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory")
+    probe = out / f".write-test.{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        what = "a path in it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else \
+            f"cannot write there ({e.strerror or e})"
+        raise UserError(f"--out {out}: {what}; pass --out DIR with a writable directory") from None
 
 
 def check_group_by(runs: Sequence[RunLog], group_by: str) -> None:
@@ -516,6 +554,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     runs = load_runs(args.paths or ["logs"])
+    check_out_dir(args.out)
     report = make_report(runs, args.group_by, args.out, x=args.x, last=args.last, svg=args.svg, baseline=args.baseline)
     print(f"{len(runs)} runs, grouped by {args.group_by}")
     for f in report.files:

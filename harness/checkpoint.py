@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "resume", "save_every", "save_final", "keep_last", "checkpoint_dir", "log_dir",
     "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
     "diag_every", "diag_sample", "diag_topk", "diag_embed_head", "diag_spectra",
-    "compile",
+    "compile", "dist_timeout_s", "diverge_ratio", "diverge_patience",
 })
 # run_id is checked on its own (a missing --run_id adopts the checkpoint's)
 _NOT_COMPARED = MAY_DIFFER_ON_RESUME | {"run_id"}
@@ -119,7 +120,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def build_state(cfg: Config, info: hdist.DistInfo, *, step: int, model: torch.nn.Module, opt,
-                loader, run_state: dict[str, Any]) -> dict[str, Any] | None:
+                loader, run_state: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The checkpoint contents. A collective (the Muon state and RNG states are gathered):
     every rank calls it; rank 0 gets the dict, the others None."""
     optim = opt.state_dict()
@@ -138,6 +139,7 @@ def build_state(cfg: Config, info: hdist.DistInfo, *, step: int, model: torch.nn
         "optim": optim,
         "loader": loader.state_dict(),
         "rng": rngs,
+        **({"data": data} if data is not None else {}),  # the shards' fingerprint (data.shards)
     }
 
 
@@ -167,18 +169,24 @@ def prune(directory: Path, keep_last: int) -> None:
 
 
 def save(cfg: Config, info: hdist.DistInfo, *, step: int, model, opt, loader,
-         run_state: dict[str, Any]) -> Path:
+         run_state: dict[str, Any], data: dict[str, Any] | None = None) -> Path:
     """Write `<checkpoint_dir>/<run_id>/step_<step>.pt` and prune to keep_last. Every rank calls
     it; rank 0 writes; all return once the file is in place."""
     path = step_path(run_dir(cfg), step)
-    state = build_state(cfg, info, step=step, model=model, opt=opt, loader=loader, run_state=run_state)
+    state = build_state(cfg, info, step=step, model=model, opt=opt, loader=loader, run_state=run_state, data=data)
     error = None
     if state is not None:
         try:
             write_atomic(state, path)
             prune(path.parent, cfg.keep_last)
-        except OSError as e:
-            error = f"{path}: cannot write checkpoint: {e}"
+        except (OSError, RuntimeError) as e:
+            # torch's zip writer reports a full disk as a RuntimeError ("file write failed")
+            try:
+                free = f"; {shutil.disk_usage(path.parent).free} bytes free there"
+            except OSError:
+                free = ""
+            error = (f"{path}: cannot write checkpoint ({_short(e)}{free}); the earlier checkpoints are kept"
+                     " (free some space, then --resume latest)")
     hdist.all_agree_or_raise(info, error)
     return path
 

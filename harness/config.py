@@ -134,6 +134,17 @@ class Config:
     checkpoint_dir: str = "checkpoints"
     resume: str = ""  # PATH | latest
 
+    # --- faults and guards (issue 19) -----------------------------------------------------
+    # process-group timeout of every collective, in seconds; 0 = auto: 300 on CPU, 1800 on
+    # CUDA (where torch.compile on the first steps is slow). A rank that does not answer in
+    # time ends the run with a line naming it.
+    dist_timeout_s: float = 0.0
+    # divergence rule: a run whose val loss is above diverge_ratio x its step-0 val loss at
+    # diverge_patience validations in a row ends as status:diverged (0 = rule off). A
+    # non-finite loss ends it at once, whatever these say.
+    diverge_ratio: float = 1.2
+    diverge_patience: int = 2
+
     # --- derived helpers ------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
@@ -315,8 +326,16 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                  "num_scheduled_iterations", "device_batch_tokens", "ns_steps", "diag_topk", "keep_last"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "must be > 0")
     for name in ("num_extension_iterations", "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
-                 "window_size", "diag_every", "diag_sample", "save_every", "seed"):
+                 "window_size", "diag_every", "diag_sample", "save_every", "seed", "diverge_patience"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
+    _check(cfg.seed < 2 ** 32, "seed", cfg.seed, "must be in 0..4294967295 (numpy's seed range)")
+    _check(math.isfinite(cfg.rope_base) and cfg.rope_base > 0, "rope_base", cfg.rope_base, "must be finite and > 0")
+    _check(math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0, "adam_eps", cfg.adam_eps,
+           "must be finite and > 0 (it keeps Adam's division finite)")
+    _check(math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s >= 0, "dist_timeout_s", cfg.dist_timeout_s,
+           "must be finite and >= 0 (0 = auto: 300 s on CPU, 1800 s on CUDA)")
+    _check(cfg.diverge_ratio == 0 or (math.isfinite(cfg.diverge_ratio) and cfg.diverge_ratio > 1), "diverge_ratio",
+           cfg.diverge_ratio, "0 (rule off) or a finite number > 1")
     _check(cfg.model_dim % cfg.num_heads == 0, "num_heads", cfg.num_heads,
            f"must divide model_dim={cfg.model_dim}")
     _check(cfg.head_dim % 2 == 0, "num_heads", cfg.num_heads, "model_dim/num_heads must be even (RoPE)")
@@ -342,7 +361,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
            "must be finite and >= 0")
     _check(cfg.device_batch_tokens % cfg.seq_len == 0, "device_batch_tokens", cfg.device_batch_tokens,
            f"must be a multiple of seq_len={cfg.seq_len}")
-    for name in ("muon_lr", "adam_lr", "adam_eps", "muon_lr_mul_mlp_proj"):
+    for name in ("muon_lr", "adam_lr", "muon_lr_mul_mlp_proj"):
         v = getattr(cfg, name)
         _check(math.isfinite(v) and v >= 0, name, v, "must be finite and >= 0")
     _check(cfg.adam_every in (1, 2), "adam_every", cfg.adam_every, "1 (every step) or 2 (odd steps, the fork)")

@@ -7,7 +7,9 @@ operation (all_reduce AVG) the fallback lives here, not at the call sites.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -36,10 +38,34 @@ class DistInfo:
         return self.backend is not None
 
 
-def init() -> DistInfo:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+CPU_TIMEOUT_S = 300.0  # dist_timeout_s=0 (auto) on CPU
+CUDA_TIMEOUT_S = 1800.0  # and on CUDA, where torch.compile makes the first steps slow
+
+_monitor_group = None  # a second gloo group, to ask which rank stopped answering
+_timeout_s = 0.0
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"env {name}={text!r} is not an integer (torchrun sets it)") from None
+
+
+def init(timeout_s: float = 0.0) -> DistInfo:
+    """Read torchrun's variables and join the process group. timeout_s (0 = auto: CPU_TIMEOUT_S
+    or CUDA_TIMEOUT_S) bounds every collective: a rank that stops answering ends the run after
+    it instead of after torch's default of 30 minutes (see unresponsive_ranks)."""
+    global _monitor_group, _timeout_s
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"env RANK={rank} WORLD_SIZE={world_size}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    if world_size > 1 and not dist.is_initialized() and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise UserError(f"env WORLD_SIZE={world_size} but no MASTER_ADDR/MASTER_PORT: start several processes with"
+                        f" `torchrun --nproc_per_node={world_size} SCRIPT`, or unset WORLD_SIZE for one process")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -48,15 +74,44 @@ def init() -> DistInfo:
     if world_size == 1:
         return DistInfo(0, 1, 0, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    _timeout_s = timeout_s or (CUDA_TIMEOUT_S if device.type == "cuda" else CPU_TIMEOUT_S)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=_timeout_s), **kwargs)
+        _monitor_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s))
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
+def is_timeout(e: BaseException) -> bool:
+    """Whether e is a collective that ran past the process-group timeout."""
+    return isinstance(e, RuntimeError) and bool(re.search(r"timed? ?out|timeout", str(e), re.IGNORECASE))
+
+
+def unresponsive_ranks(wait_s: float = 10.0) -> list[int] | None:
+    """After a timed-out collective: the ranks that do not reach a monitored barrier within
+    wait_s (every live rank calls this from its error path), or None when it cannot tell."""
+    if _monitor_group is None or not dist.is_initialized():
+        return None
+    try:
+        dist.monitored_barrier(group=_monitor_group, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        if m:
+            return [int(r) for r in re.findall(r"\d+", m.group(1))]
+        m = re.search(r"[Rr]ank (\d+)", str(e))
+        return [int(m.group(1))] if m else None
+    return []
+
+
+def timeout_s() -> float:
+    return _timeout_s
+
+
 def shutdown(info: DistInfo) -> None:
+    global _monitor_group
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    _monitor_group = None
 
 
 def _is_dist() -> bool:

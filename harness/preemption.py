@@ -1,9 +1,13 @@
-"""SIGTERM as a request to stop at the end of the current step.
+"""SIGTERM and SIGINT (Ctrl-C) as a request to stop at the end of the current step.
 
 Slurm sends SIGTERM before it pre-empts or times out a job, and torchrun, on SIGTERM, sends
 SIGTERM to its workers and gives them 30 s before SIGKILL. The handler only records the signal;
 the trainer polls it once per step and all ranks agree (an all-reduce) on stopping at the same
 step, where they save a checkpoint, log `status:preempted step:N` and exit 0.
+
+Ctrl-C is the same request (a sweep stopped with Ctrl-C passes SIGINT to its runs, and
+`launch_lr_sweep.py --resume` then continues them from that checkpoint); a second Ctrl-C
+interrupts at once (KeyboardInterrupt: `status:interrupted`, no checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from harness import dist as hdist
 
 
 class StopRequest:
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
@@ -40,6 +44,8 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signum is None:
             print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
                   file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ and a step line must be a strict `step:N/M key:value ...` sequence, so code neve
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -383,32 +384,106 @@ class LogFollower:
 # Writer
 
 
+class LogWriteError(UserError):
+    """The run log could not be written (disk full, file system gone read-only)."""
+
+
+def _fallocate_keep_size():
+    """libc's fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, len), or None where there is none."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    except (OSError, AttributeError):
+        return None
+
+    def reserve(fd: int, offset: int, length: int) -> None:
+        if fn(fd, 1, offset, length) != 0:  # 1 = FALLOC_FL_KEEP_SIZE
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return reserve
+
+
+_reserve = _fallocate_keep_size()
+
+
 class RunLogWriter:
-    """Appends and flushes line by line. Only rank 0 creates one."""
+    """Appends line by line (one unbuffered write each). Only rank 0 creates one.
+
+    Nothing half-written: RESERVE_BYTES past the end of the file stay allocated (fallocate with
+    KEEP_SIZE, where the file system has it), so when the disk fills up the line that ran into
+    it is complete, the writer raises LogWriteError (a UserError: one line, exit 2), and the
+    `status:failed` line still fits in the reserve. Where a write fails anyway, the file is
+    cut back to its last complete line."""
+
+    RESERVE_BYTES = 8192
 
     def __init__(self, path: str | os.PathLike, run_id: str, *, append: bool = False, echo: bool = True):
         self.path = Path(path)
         self.run_id = run_id
         self.echo = echo
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append:
-            if not self.path.exists():
-                raise UserError(f"{self.path}: cannot resume: the run log does not exist")
-            self._f = open(self.path, "a", encoding="utf-8")
-        else:
-            try:
+        self.broken: str | None = None  # why the log cannot take more lines
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append:
+                if not self.path.exists():
+                    raise UserError(f"{self.path}: cannot resume: the run log does not exist")
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            else:
                 # exclusive create: an existing log is never overwritten
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except FileExistsError:
+            if self.path.parent.is_dir():
                 raise UserError(
                     f"{self.path}: a run log with run_id {run_id!r} already exists; refusing to overwrite it"
                     " (choose another RUN_ID, or --resume to continue that run)"
                 ) from None
-            self._f = os.fdopen(fd, "w", encoding="utf-8")
+            raise UserError(f"log_dir={str(self.path.parent)!r}: is a file, not a directory") from None
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the run log ({e.strerror or e}); pass --log_dir DIR"
+                            " with a writable directory") from None
+        self._fd = fd
+        self._size = os.fstat(fd).st_size  # the end of the last complete line
+        self._reserve()
+
+    def _reserve(self) -> None:
+        if _reserve is None:
+            return
+        try:
+            _reserve(self._fd, self._size, self.RESERVE_BYTES)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise self._fail(e) from None
+            # EOPNOTSUPP and the like: a file system without it; lines are still cut back on failure
+
+    def _fail(self, e: OSError) -> LogWriteError:
+        self.broken = e.strerror or str(e)
+        return LogWriteError(f"{self.path}: cannot write the run log ({self.broken}); it ends at its last"
+                             " complete line; free some space and continue with --resume latest")
+
+    def _write_bytes(self, data: bytes) -> None:
+        if self.broken is not None:
+            raise LogWriteError(f"{self.path}: the run log cannot be written ({self.broken})")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)  # no half line
+            except OSError:
+                pass
+            raise self._fail(e) from None
+        self._size += len(data)
+        self._reserve()
 
     def write(self, line: str, echo: bool | None = None) -> None:
-        self._f.write(line.rstrip("\n") + "\n")
-        self._f.flush()
+        self._write_bytes((line.rstrip("\n") + "\n").encode("utf-8", "surrogateescape"))
         if self.echo if echo is None else echo:
             print(line, flush=True)
 
@@ -417,7 +492,7 @@ class RunLogWriter:
         self.write(SEPARATOR, echo=False)
         for path, text in sources:
             self.write(f"{SOURCE_PREFIX}{path}", echo=False)
-            self._f.write(text if text.endswith("\n") else text + "\n")
+            self._write_bytes((text if text.endswith("\n") else text + "\n").encode("utf-8", "surrogateescape"))
         self.write(SEPARATOR, echo=False)
         self.env(env)
         self.config(config)
@@ -461,14 +536,31 @@ class RunLogWriter:
     def resumed(self, step: int) -> None:
         self.write(f"resumed from step {step}")
 
-    def status(self, status: str, **fields: Any) -> None:
+    def status(self, status: str, **fields: Any) -> bool:
+        """Write the status line; False (and nothing half-written) when the log cannot take it."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         tail = format_tokens(fields)
-        self.write(f"status:{status}" + (" " + tail if tail else ""))
+        line = f"status:{status}" + (" " + tail if tail else "")
+        # after a failed write the reserve past the end is still ours: the last line fits there
+        before, self.broken = self._size, None
+        try:
+            self.write(line)
+        except LogWriteError:
+            return self._size > before  # written, and only the reserve after it failed
+        return True
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd < 0:
+            return
+        try:
+            if _reserve is not None:
+                os.ftruncate(self._fd, self._size)  # give the reserve back
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def log_path(log_dir: str | os.PathLike, run_id: str) -> Path:

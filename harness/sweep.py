@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -115,7 +116,9 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
         rec.attempts.append({k: getattr(rec, k) for k in ("run_id", "status", "exit_code", "reason", "final_val_loss",
                                                             "last_step", "job_id", "started", "ended")})
         plan = _plan_of(rec)
-        if log is not None and log.status == "preempted":
+        if log is not None and (log.status == "preempted"
+                                or (log.status in (None, "interrupted") and _has_checkpoint(plan, rec.run_id, manifest.log_dir))):
+            # stopped (SIGTERM, Ctrl-C, killed) with a checkpoint: the same run id goes on from it
             resume = "latest"
         else:
             resume = None
@@ -128,6 +131,19 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
         rec.pid, rec.job_id, rec.gpus, rec.output, rec.started, rec.ended = None, None, None, "", None, None
         todo.append(rec)
     return todo
+
+
+def _has_checkpoint(plan, run_id: str, log_dir: str) -> bool:
+    """Whether the run has a step_<N>.pt in its checkpoint directory (runs start in the repo root)."""
+    try:
+        cfg = resolved_config(plan, log_dir)
+    except UserError:
+        return False
+    base = Path(cfg.checkpoint_dir)
+    if not base.is_absolute():
+        base = Path(__file__).resolve().parents[1] / base
+    directory = base / run_id
+    return directory.is_dir() and any(re.match(r"^step_\d+\.pt$", p.name) for p in directory.iterdir())
 
 
 def _alive(pid: int) -> bool:

@@ -140,6 +140,13 @@ def load_sweep_file(path: str | os.PathLike) -> SweepSpec:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{p}: no such sweep file") from None
+    except IsADirectoryError:
+        raise UserError(f"{p}: is a directory, not a sweep file (give a .toml file, e.g. sweeps/tiny_ord.toml)") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.object[e.start:e.start + 1]!r});"
+                        " a sweep file is TOML, which is UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the sweep file ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p}: not valid TOML ({e})") from None
     unknown = sorted(set(data) - {"name", "defaults", "runs", "grids"})

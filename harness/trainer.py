@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data.loader import DistributedTokenLoader, val_batches
-from data.shards import compact_vocab, find_shards, read_header
+from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
@@ -40,6 +40,7 @@ from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
 from harness.preemption import StopRequest
+from harness.runlock import RunLock
 from harness.runlog import RunLogWriter, log_path
 from harness.runinfo import environment, project_sources
 from harness.schedule import Schedule
@@ -55,6 +56,8 @@ class RunState:
     train_time_ms: float = 0.0
     last_val_loss: float = float("nan")
     val_step: int = -1  # the step of the last validation (a resumed run does not redo it)
+    initial_val_loss: float = float("nan")  # the step-0 val loss, the divergence rule's reference
+    val_above: int = 0  # validations in a row above diverge_ratio x initial_val_loss
 
 
 def grad_unit(batch_tokens: int) -> float:
@@ -101,14 +104,15 @@ class Trainer:
         self.log: RunLogWriter | None = None
         self.state = RunState()
         self.resumed_step: int | None = None  # the step of the checkpoint this run resumed from
-        self.stop = StopRequest()  # main() installs its SIGTERM handler
+        self.stop = StopRequest()  # main() installs its SIGTERM/SIGINT handler
         self.ord_stats: dict[str, dict[str, float]] = {}  # the last step's, when collected
+        self.data: dict[str, list[dict]] | None = None  # the shards' fingerprint, saved in checkpoints
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        train_files = find_shards(cfg.train_files)
-        val_files = find_shards(cfg.val_files)
+        train_files = find_shards(cfg.train_files, "train")
+        val_files = find_shards(cfg.val_files, "val")
         for f in train_files + val_files:
             read_header(f)  # magic, version and size of every shard, before anything is written
         self.val_files = val_files
@@ -205,7 +209,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = ckpt_io.save(self.cfg, self.info, step=self.state.step, model=self.model, opt=self.opt,
-                            loader=self.loader, run_state=dataclasses.asdict(self.state))
+                            loader=self.loader, run_state=dataclasses.asdict(self.state), data=self.data)
         if self.log:
             self.log.write(f"checkpoint: {path}")
         return path
@@ -286,6 +290,8 @@ class Trainer:
                 self._log_step(step, val_loss=val_loss)
                 if not math.isfinite(val_loss):
                     return self._diverged(step)
+                if self._stays_above_start(step, val_loss):
+                    return self._diverged(step, val_loss=val_loss)
             if self._save_due(step):
                 self.save_checkpoint()
             if step == total:
@@ -339,11 +345,32 @@ class Trainer:
         for name, stats in self.ord_stats.items():
             self.log.diag(step, name, **stats)
 
-    def _diverged(self, step: int) -> int:
+    def _stays_above_start(self, step: int, val_loss: float) -> bool:
+        """The divergence rule (diverge_ratio, diverge_patience in the config): the val loss is
+        above diverge_ratio x the step-0 val loss at diverge_patience validations in a row. A
+        run that learns never gets there (its loss falls below the start within a few steps);
+        one whose LR is far too large saturates the logit cap well above it and stays there."""
+        cfg, state = self.cfg, self.state
+        if step == 0:
+            state.initial_val_loss, state.val_above = val_loss, 0
+            return False
+        if cfg.diverge_ratio <= 0 or cfg.diverge_patience <= 0 or not math.isfinite(state.initial_val_loss):
+            return False
+        state.val_above = state.val_above + 1 if val_loss > cfg.diverge_ratio * state.initial_val_loss else 0
+        return state.val_above >= cfg.diverge_patience
+
+    def _diverged(self, step: int, val_loss: float | None = None) -> int:
+        if val_loss is None:
+            why, fields = f"loss is not finite at step {step}", {}
+        else:
+            start = self.state.initial_val_loss
+            why = (f"val loss {val_loss:.4f} at step {step} is above {self.cfg.diverge_ratio:g} x the step-0 val loss"
+                   f" {start:.4f} at {self.cfg.diverge_patience} validations in a row (diverge_ratio, diverge_patience)")
+            fields = {"val_loss": f"{val_loss:.4f}", "initial_val_loss": f"{start:.4f}"}
         if self.log:
-            self.log.status("diverged", step=step)
+            self.log.status("diverged", step=step, **fields)
         if self.info.is_main:
-            print(f"error: loss is not finite at step {step}: diverged", file=sys.stderr)
+            print(f"error: {why}: diverged", file=sys.stderr)
         return EXIT_DIVERGED
 
 
@@ -351,37 +378,52 @@ def _print_error(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
+def _reason(e: BaseException) -> str:
+    return "_".join(f"{type(e).__name__}:{e}".split())[:300]
+
+
 def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> int:
     """Entry point of the train scripts: returns the process exit code."""
     script_name = Path(script).name
     try:
         cfg = load_config(argv, overrides={"script": script_name, **(overrides or {})}, prog=script_name)
+        info = hdist.init(cfg.dist_timeout_s)
     except UserError as e:
         _print_error(str(e))
         return EXIT_USER_ERROR
-    info = hdist.init()
     if info.device.type == "cpu":
         keep_freed_memory()
     trainer: Trainer | None = None
+    locks: list[RunLock] = []
     stop = StopRequest().install()
     try:
         validate(cfg, world_size=info.world_size)
         token_map = resolve_vocab(cfg)
-        resume = _load_resume(cfg, info) if cfg.resume else None
+        data = data_fingerprint(cfg)
+        resume = _load_resume(cfg, info, data) if cfg.resume else None
         if not cfg.run_id:
             cfg.run_id = hdist.broadcast_object(default_run_id(cfg))
-        if resume is None:
-            # the one check that only the main rank can make; every rank must agree on its outcome
-            path = log_path(cfg.log_dir, cfg.run_id)
-            hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
+
+        def claim() -> None:
+            # the checks that only the main rank can make; every rank must agree on their outcome
+            locks.append(RunLock(cfg.log_dir, cfg.run_id).acquire())  # one run id, one writer
+            if resume is None:
+                _refuse_existing_log(log_path(cfg.log_dir, cfg.run_id))
+            if cfg.save_every > 0 or cfg.save_final:
+                _check_checkpoint_dir(cfg)  # not at the first save, after the training
+
+        hdist.on_main_agreed(info, claim)
         trainer = Trainer(cfg, info, token_map)
         trainer.stop = stop
+        trainer.data = data
         trainer.setup()
         if resume is not None:
             trainer.restore(resume[1], resume[0])
         trainer.open_log(project_sources(script))
         code = trainer.run()
     except UserError as e:
+        if trainer and trainer.log:
+            trainer.log.status("failed", reason=_reason(e), step=trainer.state.step)
         if info.is_main:
             _print_error(str(e))
         code = EXIT_USER_ERROR
@@ -390,10 +432,16 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
             trainer.log.status("interrupted", step=trainer.state.step)
         code = 130
     except Exception as e:  # noqa: BLE001 - any crash still ends the log with a status line
-        if trainer and trainer.log:
-            reason = "_".join(f"{type(e).__name__}:{e}".split())[:300]
-            trainer.log.status("failed", reason=reason, step=trainer.state.step)
-        traceback.print_exc()
+        if info.distributed and hdist.is_timeout(e):
+            msg = _timeout_message(e)
+            if trainer and trainer.log:
+                trainer.log.status("failed", reason="_".join(msg.split())[:300], step=trainer.state.step)
+            if info.is_main:
+                _print_error(msg)
+        else:
+            if trainer and trainer.log:
+                trainer.log.status("failed", reason=_reason(e), step=trainer.state.step)
+            traceback.print_exc()
         code = 1
     finally:
         stop.uninstall()
@@ -401,8 +449,56 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
             if info.is_main:
                 print(f"run log: {trainer.log.path}", flush=True)
             trainer.log.close()
+        for lock in locks:
+            lock.release()
     hdist.shutdown(info)
     return code
+
+
+def _timeout_message(e: BaseException) -> str:
+    ranks = hdist.unresponsive_ranks()
+    limit = f"{hdist.timeout_s():g}s"
+    if ranks:
+        who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} did not answer"
+    else:
+        who = "a rank did not answer"
+    return (f"{who} within the process-group timeout of {limit} (dist_timeout_s; frozen, stopped or"
+            f" overloaded?): {' '.join(str(e).split())[:160]}")
+
+
+def data_fingerprint(cfg: Config) -> dict[str, list[dict]]:
+    """The cheap fingerprint of the train and val shards (data.shards.fingerprint) that
+    checkpoints record, so a resume on changed data is refused instead of going on silently."""
+    return {"train": fingerprint(find_shards(cfg.train_files, "train")),
+            "val": fingerprint(find_shards(cfg.val_files, "val"))}
+
+
+def _check_data(ckpt: dict[str, Any], data: dict[str, list[dict]], path: Path) -> None:
+    saved = ckpt.get("data")
+    if not isinstance(saved, dict):
+        return  # a checkpoint from before fingerprints
+    changes = [c for split in ("train", "val") for c in fingerprint_changes(saved.get(split) or [], data[split], split)]
+    if changes:
+        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+        raise UserError(f"{path}: the data changed since this checkpoint was written: {'; '.join(changes[:3])}{more};"
+                        " resuming would continue on other tokens (restore those shards, or start a new run)")
+
+
+def _check_checkpoint_dir(cfg: Config) -> None:
+    base = Path(cfg.checkpoint_dir)
+    directory = ckpt_io.run_dir(cfg)
+    probe = directory / f".write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        if any(p.exists() and not p.is_dir() for p in (base, directory)):
+            what = "is a file, not a directory"
+        else:
+            what = f"cannot write there ({e.strerror or e})"
+        raise UserError(f"checkpoint_dir={cfg.checkpoint_dir!r}: {what}; checkpoints go to {directory}"
+                        " (pass --checkpoint_dir DIR with a writable directory, or save no checkpoints)") from None
 
 
 def resolve_vocab(cfg: Config) -> np.ndarray | None:
@@ -410,12 +506,12 @@ def resolve_vocab(cfg: Config) -> np.ndarray | None:
     ids they use, padded to a multiple of 128 (what the config line then records)."""
     if not cfg.compact_vocab:
         return None
-    table, used = compact_vocab(find_shards(cfg.train_files) + find_shards(cfg.val_files))
+    table, used = compact_vocab(find_shards(cfg.train_files, "train") + find_shards(cfg.val_files, "val"))
     cfg.vocab_size = max(128, math.ceil(used / 128) * 128)
     return table
 
 
-def _load_resume(cfg: Config, info: hdist.DistInfo) -> tuple[Path, dict[str, Any]]:
+def _load_resume(cfg: Config, info: hdist.DistInfo, data: dict[str, list[dict]]) -> tuple[Path, dict[str, Any]]:
     """The checkpoint `--resume` names, loaded on every rank and checked against this run's
     config before anything is written. Rank 0 picks the file (\"latest\" looks at the directory)
     and every rank loads that one; a run without --run_id takes the checkpoint's."""
@@ -423,6 +519,7 @@ def _load_resume(cfg: Config, info: hdist.DistInfo) -> tuple[Path, dict[str, Any
 
     def pick() -> str:
         path, ckpt = ckpt_io.resolve(cfg)
+        _check_data(ckpt, data, path)  # first: with compact_vocab, changed data also changes vocab_size
         ckpt_io.check_compatible(ckpt, cfg, path)
         loaded[str(path)] = ckpt
         return str(path)
@@ -432,6 +529,7 @@ def _load_resume(cfg: Config, info: hdist.DistInfo) -> tuple[Path, dict[str, Any
     if name not in loaded:
         try:
             loaded[name] = ckpt_io.load(name)
+            _check_data(loaded[name], data, Path(name))
             ckpt_io.check_compatible(loaded[name], cfg, Path(name))
         except UserError as e:
             error = str(e)

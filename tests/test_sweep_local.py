@@ -139,7 +139,7 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
 
 def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     logs = tmp_path / "logs"
-    r = subprocess.run([*LAUNCHER, "--grid", "adam_lr_head=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
+    r = subprocess.run([*LAUNCHER, "--grid", "adam_lr=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
                         "--tag", "head", "--parallel", "2", "--log-dir", str(logs), *tiny_sets(3)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr  # some runs did not finish
@@ -153,8 +153,8 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
         log = read_log(log_path(logs, good["run_id"]))
         assert good["final_val_loss"] == log.final_val_loss and log.finished
         # tag and every swept value are in the log's config line
-        assert (log.config["tag"], log.config["seed"], log.config["adam_lr_head"]) == ("head_0.008", seed, 0.008)
-        assert read_log(log_path(logs, bad["run_id"])).config["adam_lr_head"] == 1e37
+        assert (log.config["tag"], log.config["seed"], log.config["adam_lr"]) == ("head_0.008", seed, 0.008)
+        assert read_log(log_path(logs, bad["run_id"])).config["adam_lr"] == 1e37
         assert good["command"][0] == sys.executable and "--run_id" in good["command"]
     # two at a time: some run started before another ended
     spans = sorted((x["started"], x["ended"]) for x in doc["runs"])
@@ -240,10 +240,13 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert read_log(log_path(logs, again["run_id"])).finished
 
 
-def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
+def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
+    """Ctrl-C: the launcher passes SIGINT to the runs, which the trainer treats like SIGTERM
+    (checkpoint, status:preempted, exit 0), so --resume can continue them (issue 19)."""
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py",
-                                 "--parallel", "2", "--log-dir", str(logs), *tiny_sets(200)],
+                                 "--parallel", "2", "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}",
+                                 *tiny_sets(200)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         running = _wait_for(lambda: _running_with_steps(logs, 2), 120, "both runs training")
@@ -255,12 +258,13 @@ def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
     assert launcher.returncode == 130, out
     assert "SIGINT: stopping 2 run(s)" in out
     doc = manifest_doc(logs)
-    assert [x["status"] for x in doc["runs"]] == ["interrupted", "interrupted"]
+    assert [x["status"] for x in doc["runs"]] == ["preempted", "preempted"]
     for x in running:
         assert not processes_mentioning(x["run_id"])
         log = read_log(log_path(logs, x["run_id"]))
-        assert log.status == "interrupted" and not log.finished  # the trainer wrote its own status line
-    assert [x["exit_code"] for x in doc["runs"]] == [130, 130]
+        assert log.status == "preempted" and not log.finished  # the trainer wrote its own status line
+        assert (tmp_path / "ckpt" / x["run_id"] / f"step_{int(log.status_fields['step'])}.pt").exists()
+    assert [x["exit_code"] for x in doc["runs"]] == [0, 0]
 
 
 def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_path):

@@ -33,7 +33,7 @@ def test_small_run_writes_the_contracted_log(tmp_path, shards_dir):
 
 def test_divergence_exits_nonzero_with_status(tmp_path, shards_dir):
     # without the soft-cap, a head that jumps to 1e37 overflows the logits to inf and the loss to nan
-    proc = run_train(tmp_path, shards_dir, "--logit_softcap", "0", "--adam_lr_head", "1e37")
+    proc = run_train(tmp_path, shards_dir, "--logit_softcap", "0", "--adam_lr", "1e37")
     assert proc.returncode == 3, proc.stderr[-2000:]
     log = log_of(tmp_path)
     assert log.status == "diverged" and "step" in log.status_fields
@@ -42,7 +42,7 @@ def test_divergence_exits_nonzero_with_status(tmp_path, shards_dir):
 
 def test_crash_ends_the_log_with_failed(tmp_path, shards_dir):
     # Adam's step size lr / (1 - beta1) no longer fits in float32: torch raises mid-step
-    proc = run_train(tmp_path, shards_dir, "--adam_lr_head", "1e38")
+    proc = run_train(tmp_path, shards_dir, "--adam_lr", "1e38")
     assert proc.returncode == 1
     log = log_of(tmp_path)
     assert log.status == "failed" and "RuntimeError" in str(log.status_fields["reason"])
