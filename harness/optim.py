@@ -54,13 +54,14 @@ class MatrixRef:
         return "other"
 
     def weight(self) -> torch.Tensor:
-        return self.param if self.index is None else self.param[self.index]
+        # a stack of any rank (e.g. the speedrun model's (layers, 2, 4d, d) MLP bank) splits on its last two dims
+        return self.param if self.index is None else self.param.view(-1, *self.param.shape[-2:])[self.index]
 
     def grad(self) -> torch.Tensor | None:
         g = self.param.grad
         if g is None:
             return None
-        return g if self.index is None else g[self.index]
+        return g if self.index is None else g.view(-1, *g.shape[-2:])[self.index]
 
 
 @dataclass

@@ -168,7 +168,10 @@ class YarnRope(nn.Module):
         dev = self.factor1.device
         f = (1 / 1024) ** torch.linspace(0, 1, steps=self.head_dim // 4, dtype=torch.float32, device=dev)
         f = torch.cat([f.repeat_interleave(2), f.new_zeros(self.head_dim // 2)])
-        self.angular_freq = f
+        if self.angular_freq.shape == f.shape:
+            self.angular_freq.copy_(f)
+        else:
+            self.angular_freq = f
         self._fill()
         self.attn_scale = 0.1
 
@@ -181,14 +184,18 @@ class YarnRope(nn.Module):
             theta = torch.outer(t, self.angular_freq)
             cos, sin = theta.cos(), theta.sin()
         sin[..., 1::2] *= -1  # odd channel of a pair gets -sin: (a, b) -> (a cos + b sin, b cos - a sin)
-        self.factor1 = cos.to(torch.bfloat16)
-        self.factor2 = sin.to(torch.bfloat16)
+        if self.factor1.shape == cos.shape:  # in place, as the fork: a compiled graph keeps its buffers
+            self.factor1.copy_(cos)
+            self.factor2.copy_(sin)
+        else:
+            self.factor1 = cos.to(torch.bfloat16)
+            self.factor2 = sin.to(torch.bfloat16)
 
     def apply(self, old_window: int, new_window: int, alpha: float = 1, beta: float = 32) -> None:
         rotations = old_window * self.angular_freq / (2 * torch.pi)
         scaling = old_window / new_window
         ramp = torch.clamp((rotations - alpha) / (beta - alpha), 0, 1)
-        self.angular_freq = self.angular_freq * (scaling + ramp * (1 - scaling))
+        self.angular_freq.mul_(scaling + ramp * (1 - scaling))
         self._fill()
         self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
 
@@ -490,6 +497,20 @@ class SpeedrunGPT(nn.Module):
         return F.cross_entropy(z.float(), target_seq, reduction="mean")
 
     # --- parameter table ------------------------------------------------------------------
+    # The current optimizer (harness/optim.py) reads param_roles()/matrix_names(); param_specs()
+    # is the table its replacement reads. Until then these two are derived from it.
+    def param_roles(self) -> dict[str, str]:
+        """name -> muon | embed | head | scalar (gates and lambdas are Adam "scalar"s)."""
+        kinds = {"attn": "muon", "mlp": "muon", "embed": "embed", "value_embed": "embed",
+                 "bigram_embed": "embed", "lm_head": "head"}
+        return {s.name: kinds.get(s.label, "scalar") for s in self.param_specs()}
+
+    def matrix_names(self, name: str, param: torch.Tensor) -> list[str]:
+        if name == "attn_bank":  # the current optimizer splits on the last two dims: a (4d, d) qkvo per layer
+            return [f"blocks.{layer}.attn.qkvo" for layer in self.attn_layers]
+        spec = next(s for s in self.param_specs() if s.name == name)
+        return [m.name for m in spec.matrices]
+
     def param_specs(self) -> list[ParamSpec]:
         d = self.model_dim
         attn = tuple(MatrixSpec(f"blocks.{layer}.attn.{p}", f"attn_{p}") for layer in self.attn_layers for p in "qkvo")
@@ -528,3 +549,4 @@ def mtp_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
         zt = z[: T - k].gather(1, targets[k:, None]).squeeze(1)
         losses = losses + F.pad(weights[k].float() * (lse[: T - k] - zt), (0, k))
     return losses
+

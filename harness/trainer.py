@@ -362,7 +362,11 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
             # the one check that only the main rank can make; every rank must agree on its outcome
             path = log_path(cfg.log_dir, cfg.run_id)
             hdist.on_main_agreed(info, lambda: _refuse_existing_log(path))
-        trainer = Trainer(cfg, info, token_map)
+        if cfg.model == "speedrun":  # the fork's GPT, data path and forward schedule
+            from harness.speedrun_train import SpeedrunTrainer as trainer_cls
+        else:
+            trainer_cls = Trainer
+        trainer = trainer_cls(cfg, info, token_map)
         trainer.stop = stop
         trainer.setup()
         if resume is not None:
