@@ -96,7 +96,8 @@ class _KeyOffsetClone(ast.NodeTransformer):
         return node
 
 
-def load(names, *, bigram_vocab_size: int = 251, train_max_seq_len: int = 2048, val_batch_size: int = 4096):
+def load(names, *, extra: dict | None = None, bigram_vocab_size: int = 251, train_max_seq_len: int = 2048,
+         val_batch_size: int = 4096):
     """A namespace holding the fork's definitions `names` (with the stand-ins above)."""
     tree = ast.parse(FORK_TRAIN.read_text(), filename=str(FORK_TRAIN))
     body = []
@@ -128,7 +129,7 @@ def load(names, *, bigram_vocab_size: int = 251, train_max_seq_len: int = 2048, 
     )
     # dataclasses look their module up in sys.modules: give the namespace a real module
     mod = types.ModuleType(f"fork_train_gpt_{len(_LOADED)}")
-    mod.__dict__.update(ns)
+    mod.__dict__.update(ns, **(extra or {}))
     sys.modules[mod.__name__] = mod
     _LOADED.append(mod)
     ns = mod.__dict__
