@@ -232,18 +232,9 @@ def attention_mask(doc: torch.Tensor | None, T: int, window: int | None, device)
     return mask
 
 
-def _sdpa(q, k, v, doc, window, scale):
-    # q, k, v: (T, H, D) -> (T, H, D)
-    mask = attention_mask(doc, q.size(0), window, q.device)
-    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       attn_mask=mask, scale=scale)
-    return y.transpose(0, 1)
-
-
-def _flex(q, k, v, doc, window, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    T = q.size(0)
+def block_mask(doc: torch.Tensor | None, T: int, window: int | None, device):
+    """The same mask as a FlexAttention BlockMask (CUDA): blocks wholly outside it are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, qi, ki):
         m = qi >= ki
@@ -253,10 +244,42 @@ def _flex(q, k, v, doc, window, scale):
             m = m & (doc[qi] == doc[ki])
         return m
 
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def _sdpa(q, k, v, mask, scale):
+    # q, k, v: (T, H, D) -> (T, H, D); mask: (T, T) boolean
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=scale)
+    return y.transpose(0, 1)
+
+
+def _flex(q, k, v, mask, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
     y = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask, scale=scale)
+                       block_mask=mask, scale=scale)
     return y[0].transpose(0, 1)
+
+
+class _Masks:
+    """The attention masks of one forward, built once per (window, paired) and shared by layers."""
+
+    def __init__(self, doc: torch.Tensor | None, T: int, device: torch.device):
+        self.doc, self.T, self.device = doc, T, device
+        self.cuda = device.type == "cuda"
+        self.cache: dict = {}
+
+    def get(self, window: int | None, paired: bool):
+        key = (window, paired)
+        if key not in self.cache:
+            doc, T = self.doc, self.T
+            if paired:  # head pairs interleaved: position 2t and 2t+1 are token t
+                doc = None if doc is None else doc.repeat_interleave(2)
+                T = 2 * T
+            build = block_mask if self.cuda else attention_mask
+            self.cache[key] = build(doc, T, window, self.device)
+        return self.cache[key]
 
 
 # ------------------------------------------------------------------------------------------
@@ -387,7 +410,7 @@ class SpeedrunGPT(nn.Module):
         return self.embed.weight, self.lm_head
 
     # --- forward --------------------------------------------------------------------------
-    def _attention(self, i: int, x: torch.Tensor, ve: torch.Tensor | None, doc: torch.Tensor | None,
+    def _attention(self, i: int, x: torch.Tensor, ve: torch.Tensor | None, masks: _Masks,
                    window: int | None, w: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
         feats = self.features
         T, H, D, d = x.size(1), self.num_heads, self.head_dim, self.model_dim
@@ -419,14 +442,12 @@ class SpeedrunGPT(nn.Module):
             v = v.reshape(1, 2 * T, H // 2, D)
             if ve is not None:
                 v = v + ve_gate.view(1, 2 * T, H // 2, 1) * ve.view_as(v)
-            if doc is not None:
-                doc = doc.repeat_interleave(2)
             n_pos = 2 * T
         scale = yarn.attn_scale
         q, k = q.type_as(v), k.type_as(v)  # one dtype for the attention kernel (RoPE tables are bf16)
         attend = _flex if x.is_cuda else _sdpa
-        y = attend(q[0], k[0], v[0], doc, window, scale).reshape(1, T, H, D)
-        assert n_pos in (T, 2 * T)
+        y = attend(q[0], k[0], v[0], masks.get(window, paired), scale).reshape(1, T, H, D)
+        assert q.size(1) == n_pos
         if feats.attn_gate:
             g = F.linear(gate_x, self.attn_gate_bank[self.layer_to_attn[i]].bfloat16().type_as(x))
             y = y * torch.sigmoid(g).view(1, T, H, 1)
@@ -456,7 +477,7 @@ class SpeedrunGPT(nn.Module):
         resid, sa_l, bigram_l = sc[:L], sc[L:3 * L].view(-1, 2), sc[3 * L:4 * L]
         smear_l, backout_l, skip_l = sc[4 * L], sc[4 * L + 1], sc[4 * L + 2]
         sizes = {"short": fwd.ws_short, "long": fwd.ws_long}
-        doc = document_ids(cu_seqlens, T) if feats.doc_mask else None
+        masks = _Masks(document_ids(cu_seqlens, T) if feats.doc_mask else None, T, input_seq.device)
 
         x = self.embed(input_seq)
         if feats.smear:
@@ -481,7 +502,7 @@ class SpeedrunGPT(nn.Module):
             if self.windows[i] is not None:
                 ve = ve_all[self.layer_to_ve[i]] if ve_all is not None and i in self.layer_to_ve else None
                 window = sizes[self.windows[i]] if feats.sliding_window else None
-                x = x + self._attention(i, norm(x), ve, doc, window, self.attn_bank[self.layer_to_attn[i]], sa_l[i])
+                x = x + self._attention(i, norm(x), ve, masks, window, self.attn_bank[self.layer_to_attn[i]], sa_l[i])
             x = x + self._mlp(norm(x), self.mlp_bank[i, 0], self.mlp_bank[i, 1])
             if i == lay.skip_from:
                 skip = x

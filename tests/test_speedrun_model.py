@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from harness.model import GPT, ModelShape
 from harness.params import MUON_LABELS, ParamSpec
 from harness.speedrun_model import (ForwardArgs, SpeedrunGPT, SpeedrunLayout, YarnRope, _flex, _sdpa,
-                                    attention_mask, document_ids, mtp_loss)
+                                    attention_mask, block_mask, document_ids, mtp_loss)
 
 TINY = dict(vocab_size=128, num_layers=11, model_dim=48, num_heads=4, head_dim=12, bigram_vocab_size=97,
             max_seq_len=64)
@@ -133,12 +133,12 @@ def test_mask_is_causal_within_documents_and_window():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_matches_sdpa_on_cpu():
     torch.manual_seed(0)
-    T, H, D = 128, 2, 16
+    T, H, D = 384, 2, 16  # three 128-blocks: some are skipped whole by the block mask
     q, k, v = (torch.randn(T, H, D) for _ in range(3))
-    doc = document_ids(torch.tensor([0, 40, 90, 128], dtype=torch.int32), T)
-    for window in (None, 20):
-        want = _sdpa(q, k, v, doc, window, 0.3)
-        got = _flex(q, k, v, doc, window, 0.3)
+    doc = document_ids(torch.tensor([0, 40, 300, 384], dtype=torch.int32), T)
+    for window in (None, 20, 150):
+        want = _sdpa(q, k, v, attention_mask(doc, T, window, "cpu"), 0.3)
+        got = _flex(q, k, v, block_mask(doc, T, window, "cpu"), 0.3)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
