@@ -89,3 +89,18 @@ def test_speedrun_bad_setting_is_one_clear_line(tmp_path, shards_dir):
     assert proc.returncode == 2
     assert error_lines(proc) == ["error: config: val_batch_size=512 is invalid: must be a positive multiple of "
                                  "micro_batches=3"]
+
+
+def test_resume_mid_run_gives_the_same_losses(tmp_path, shards_dir):
+    """The packed loader's position, and YaRN replayed over the stages, come back on resume."""
+    ck = ["--checkpoint_dir", str(tmp_path / "ck")]
+    full = run_train(tmp_path, shards_dir, *REDUCED, *ck, "--save_every", "2", small=False)
+    assert full.returncode == 0, full.stderr[-3000:]
+    before = [(r.step, r.train_loss) for r in log_of(tmp_path).train_steps]
+    final = log_of(tmp_path).val_steps[-1].val_loss
+    step2 = tmp_path / "ck" / "run" / "step_2.pt"
+    again = run_train(tmp_path, shards_dir, *REDUCED, *ck, "--resume", str(step2), small=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = log_of(tmp_path)
+    assert [(r.step, r.train_loss) for r in log.train_steps] == before  # steps 3, 4 redone identically
+    assert log.val_steps[-1].val_loss == final
