@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from harness.model import GPT, ModelShape
 from harness.params import MUON_LABELS, ParamSpec
-from harness.speedrun_model import (ForwardArgs, SpeedrunGPT, SpeedrunLayout, YarnRope, _flex, _sdpa,
+from harness.speedrun_model import (ForwardArgs, SpeedrunFeatures, SpeedrunGPT, SpeedrunLayout, YarnRope, _flex, _sdpa,
                                     attention_mask, block_mask, document_ids, mtp_loss)
 
 TINY = dict(vocab_size=128, num_layers=11, model_dim=48, num_heads=4, head_dim=12, bigram_vocab_size=97,
@@ -164,3 +164,14 @@ def test_mtp_loss_by_hand():
     ce = lambda i, j: F.cross_entropy(capped[i:i + 1], t[j:j + 1])  # noqa: E731
     want = torch.stack([ce(i, i) + (0.5 * ce(i, i + 1) if i + 1 < 5 else 0) for i in range(5)])
     torch.testing.assert_close(got, want)
+
+
+def test_fp8_head_falls_back_to_a_plain_matmul_off_cuda():
+    torch.manual_seed(0)
+    plain = SpeedrunGPT(**TINY)
+    fp8 = SpeedrunGPT(**TINY, features=SpeedrunFeatures(fp8_head=True))
+    fp8.load_state_dict(plain.state_dict())
+    x, y = torch.randint(0, 128, (2, 32))
+    cu = torch.tensor([0, 12, 32, 32], dtype=torch.int32)
+    args = ForwardArgs(torch.tensor([1.0, 0.5]), 8, 16)
+    assert torch.equal(plain(x, y, cu, x % 96, args), fp8(x, y, cu, x % 96, args))
