@@ -80,15 +80,15 @@ def _batch(fork):
 
 
 def _run(model, batch, mtp, ws_short, ws_long, ours: bool, train: bool = True):
+    # the fork's model takes the fork's ForwardScheduleConfig (_run.fork: the loaded fork namespace)
     model.train(train)
     model.zero_grad(set_to_none=True)
     inputs, targets, cu, bigram = batch
     if ours:
         loss = model(inputs, targets, cu, bigram.long(), ForwardArgs(mtp, ws_short, ws_long))
     else:
-        cfg = model_cfg = _run.fork.ForwardScheduleConfig(mtp_weights=mtp, ws_short=ws_short, ws_long=ws_long)
-        loss = model(inputs, targets, cu, bigram, model_cfg)
-        del cfg
+        cfg = _run.fork.ForwardScheduleConfig(mtp_weights=mtp, ws_short=ws_short, ws_long=ws_long)
+        loss = model(inputs, targets, cu, bigram, cfg)
     if train:
         loss.backward()
         grads = {("lm_head" if n == "lm_head.weight" else n): p.grad.clone() for n, p in model.named_parameters()
