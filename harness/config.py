@@ -60,6 +60,14 @@ class Config:
     logit_softcap: float = 15.0  # 0 disables the soft-cap
     value_embeds: bool = False  # three vocabulary-sized tables: off in the CPU preset for speed
     unet_skips: bool = True
+    # which model: gpt (harness/model.py, the fields above) | speedrun (the fork's GPT,
+    # harness/speedrun_model.py: num_layers/model_dim/num_heads/vocab_size above, seq_len = the
+    # document cut, and the fields below; its trainer is harness/speedrun_train.py)
+    model: str = "gpt"
+    bigram_vocab_size: int = 251520  # speedrun: bigram hash embedding rows (the fork's 50304*5)
+    micro_batches: int = 8  # speedrun: world_size x grad accumulation per step (the fork's 8 GPUs)
+    val_batch_size: int = 2097152  # speedrun: validation tokens per step over all ranks (the fork's)
+    window_block: int = 128  # speedrun: attention windows are counted in blocks of this many tokens
     compile: str = "auto"  # auto (on with CUDA) | on | off
     dtype: str = "auto"  # activation dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
 
@@ -166,8 +174,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_files="data/fineweb10B/fineweb_train_*.bin",
         val_files="data/fineweb10B/fineweb_val_*.bin",
         val_tokens=10485760,
+        model="speedrun",  # the fork's GPT: 11 layers, 6 heads of 128, bigram vocab 251520
         value_embeds=True,
-        num_layers=12,
+        num_layers=11,
         model_dim=768,
         num_heads=6,
         seq_len=2048,
@@ -341,6 +350,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(cfg.head_dim % 2 == 0, "num_heads", cfg.num_heads, "model_dim/num_heads must be even (RoPE)")
     _check(cfg.vocab_size <= 65536, "vocab_size", cfg.vocab_size, "at most 65536 (shards hold uint16 ids)")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
+    _check(cfg.model in ("gpt", "speedrun"), "model", cfg.model, "gpt or speedrun")
     _check(cfg.dtype in ("auto", "bfloat16", "float32"), "dtype", cfg.dtype, "auto, bfloat16 or float32")
     _check(cfg.ns_dtype in ("auto", "bfloat16", "float16", "float32"), "ns_dtype", cfg.ns_dtype,
            "auto, bfloat16, float16 or float32")

@@ -260,3 +260,30 @@ class GPT(nn.Module):
             else:
                 roles[name] = "scalar"
         return roles
+
+    def param_specs(self) -> list[ParamSpec]:
+        """The parameter table (harness/params.py), with the fork's labels. Matrix names are
+        those of matrix_names(); every matrix is (out, in) as the forward uses it."""
+        d = self.shape.model_dim
+        specs = []
+        for name, p in self.named_parameters():
+            if name.startswith("embed."):
+                specs.append(ParamSpec(name, "embed"))
+            elif name.startswith("value_embeds."):
+                specs.append(ParamSpec(name, "value_embed"))
+            elif name.startswith("lm_head."):
+                specs.append(ParamSpec(name, "lm_head"))
+            elif name.endswith("attn.qkv"):
+                mats = tuple(MatrixSpec(n, f"attn_{n[-1]}") for n in self.matrix_names(name, p))
+                specs.append(ParamSpec(name, "attn", (d, d), mats))
+            elif name.endswith("attn.proj.weight"):
+                specs.append(ParamSpec(name, "attn", tuple(p.shape), (MatrixSpec(name, "attn_o"),)))
+            elif name.endswith("mlp.fc.weight"):
+                specs.append(ParamSpec(name, "mlp", tuple(p.shape), (MatrixSpec(name, "mlp_fc"),)))
+            elif name.endswith("mlp.proj.weight"):
+                specs.append(ParamSpec(name, "mlp", tuple(p.shape), (MatrixSpec(name, "mlp_proj"),)))
+            elif p.ndim < 2:
+                specs.append(ParamSpec(name, "scalars"))
+            else:
+                raise ValueError(f"GPT.param_specs: parameter {name} {tuple(p.shape)} has no label")
+        return specs

@@ -523,9 +523,10 @@ class LabelledAdam:
     def due(self, step: int) -> bool:
         return self.cfg.adam_every == 1 or step % 2 == 1
 
-    def _as_head(self, t: torch.Tensor) -> torch.Tensor:
-        """The embedding's layout turned into the head's (they may be stored transposed)."""
-        return t if t.shape == self.head.param.shape else t.T
+    @staticmethod
+    def _like(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """t in other's layout (the head and the embedding may be stored transposed)."""
+        return t if t.shape == other.shape else t.T
 
     def _active(self) -> list[AdamEntry]:
         return [e for e in self.entries if not (self.tied and e is self.embed)]
@@ -535,7 +536,7 @@ class LabelledAdam:
             # one matrix while tied: the head takes the embedding's gradient too
             if self.head.param.grad is None:
                 self.head.param.grad = torch.zeros_like(self.head.param)
-            self.head.param.grad.add_(self._as_head(self.embed.param.grad))
+            self.head.param.grad.add_(self._like(self.embed.param.grad, self.head.param))
         grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in self._active()]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self._pending = (hdist.all_reduce_mean_async(flat), flat)
@@ -563,10 +564,10 @@ class LabelledAdam:
             adam_update_(e.param.data, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
                          e.setting.beta1, e.setting.beta2, cfg.adam_eps, cfg.adam_wd * e.setting.wd_mul)
         if self.tied:
-            self.embed.param.data.copy_(self._as_head(self.head.param.data))
+            self.embed.param.data.copy_(self._like(self.head.param.data, self.embed.param))
             if step == self.split_step:  # untie: the embedding goes on from the head's state
                 for key in ("exp_avg", "exp_avg_sq"):
-                    getattr(self.embed, key).copy_(self._as_head(getattr(self.head, key)))
+                    getattr(self.embed, key).copy_(self._like(getattr(self.head, key), self.embed.param))
                 self.embed.t = self.head.t
                 self.tied = False
 

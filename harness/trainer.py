@@ -413,7 +413,11 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
                 _check_checkpoint_dir(cfg)  # not at the first save, after the training
 
         hdist.on_main_agreed(info, claim)
-        trainer = Trainer(cfg, info, token_map)
+        if cfg.model == "speedrun":  # the fork's GPT, data path and forward schedule
+            from harness.speedrun_train import SpeedrunTrainer as trainer_cls
+        else:
+            trainer_cls = Trainer
+        trainer = trainer_cls(cfg, info, token_map)
         trainer.stop = stop
         trainer.data = data
         trainer.setup()
