@@ -286,3 +286,32 @@ def test_clipping_uses_the_global_norm_of_every_gradient(clip):
     assert expected > 0.5  # so clip=0.5 did clip, and changed the run:
     moved = [not torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(model.parameters(), unclipped.parameters())]
     assert any(moved) == (clip < expected)
+
+
+def test_tied_embedding_follows_the_head_until_the_split_step():
+    """tied_embed: the embedding's gradient goes into the head's (stored transposed here, as the
+    fork's), the embedding copies the head after each Adam step, and at the split step it takes
+    the head's Adam state and goes on alone."""
+    from harness.optim import LabelledAdam
+
+    cfg = load_config(["--preset", "speedrun"], env={})
+    torch.manual_seed(8)
+    head = torch.nn.Parameter(torch.randn(4, 10))  # (dim, vocab)
+    embed = torch.nn.Parameter(head.detach().T.clone())  # (vocab, dim)
+    adam = LabelledAdam([("lm_head", "lm_head", head), ("embed", "embed", embed)], cfg, split_step=3)
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        head.grad, embed.grad = torch.randn(4, 10, generator=g), torch.randn(10, 4, generator=g)
+        expected_head_grad = head.grad + embed.grad.T
+        if not adam.due(step):
+            continue
+        adam.step(step, 1.0)
+        if step <= 3:
+            assert torch.equal(embed.detach(), head.detach().T)
+            if step < 3:  # the head's update saw the sum of both gradients
+                assert torch.equal(head.grad, expected_head_grad)
+        adam.zero_grad()
+        if step == 3:
+            assert not adam.tied and adam.embed.t == adam.head.t == 2
+            assert torch.equal(adam.embed.exp_avg, adam.head.exp_avg.T)
+    assert not torch.allclose(embed.detach(), head.detach().T)  # untied: they moved apart
