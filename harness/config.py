@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
@@ -436,6 +437,11 @@ def _validate_adam_overrides(overrides: Mapping[str, float]) -> None:
 
 # ------------------------------------------------------------------------------------------
 # Loading
+
+
+def script_overrides(script: str) -> dict[str, Any]:
+    """What an entry script fixes in the config (the launcher validates a run the same way)."""
+    return {"ord": True} if Path(script).name == "train_gpt_muon_new.py" else {}
 
 
 def field_names() -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from harness.config import ORD_FIELDS as CONFIG_ORD_FIELDS
 from harness.errors import UserError
 from harness.runlog import LogFollower, RunLog, find_logs
 
@@ -177,7 +178,8 @@ def summarize(
 
 def group_key(log: RunLog, group_by: str = "tag") -> str:
     """The group of a run: `tag` (empty tag -> the script's stem; modded-nanogpt logs, which
-    have no config -> the file stem), `script`, or any config FIELD (modded logs -> "modded")."""
+    have no config -> the file stem), `script`, or any config FIELD (modded logs -> "modded";
+    standard runs under an ORD field such as spectral_lr_mul -> "baseline")."""
     cfg = log.config
     if group_by == "tag":
         if cfg is None:
@@ -185,12 +187,20 @@ def group_key(log: RunLog, group_by: str = "tag") -> str:
         return log.tag or Path(str(cfg.get("script") or "untagged")).stem
     if cfg is None:
         return "modded"
+    if cfg.get("ord") is False and group_by in ORD_FIELDS:
+        # a standard run has no ORD setting (null since the fork-parity change; older logs
+        # recorded the field's default): grouped by an ORD field, it is the baseline
+        return "baseline"
     value = cfg.get(group_by)
     if value is None:
         return "(none)"
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
+
+
+# the ORD fields of today's config and of older logs
+ORD_FIELDS = (*CONFIG_ORD_FIELDS, "ord_project", "ord_parallel_placement")
 
 
 def group_runs(logs: Iterable[RunLog], group_by: str = "tag") -> dict[str, list[RunLog]]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from harness.config import RUN_ID_PATTERN, field_names, load_config, parse_value, validate
+from harness.config import RUN_ID_PATTERN, field_names, load_config, parse_value, script_overrides, validate
 from harness.errors import UserError
 
 LAUNCHER_KEYS = ("script", "nproc", "seeds", "tag", "baseline")
@@ -362,7 +362,7 @@ def resolved_config(plan: RunPlan, log_dir: str, env: Mapping[str, str] | None =
     """The Config the trainer will build from this run's flags (preset, env and flags)."""
     try:
         return load_config(plan.flags("", log_dir), env=os.environ if env is None else env,
-                           overrides={"script": Path(plan.script).name})
+                           overrides={"script": Path(plan.script).name, **script_overrides(plan.script)})
     except UserError as e:
         raise UserError(f"run {plan.tag} seed {plan.seed}: {e}") from None
 
@@ -392,7 +392,7 @@ def validate_run(plan: RunPlan, run_id: str, log_dir: str, env: Mapping[str, str
         raise UserError(f"{where}: run id {run_id!r} is longer than {RUN_ID_MAX} characters (shorten the tag)")
     try:
         cfg = load_config(plan.flags(run_id, log_dir), env=os.environ if env is None else env,
-                          overrides={"script": Path(plan.script).name})
+                          overrides={"script": Path(plan.script).name, **script_overrides(plan.script)})
         validate(cfg, world_size=plan.nproc * nodes)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None

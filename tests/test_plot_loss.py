@@ -17,6 +17,7 @@ from scipy import stats
 from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 import plot_loss
+from harness.runs import group_key
 from harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,10 +76,14 @@ def test_final_loss_table_numbers(runs_dir):
 
 def test_group_by_field_and_baselines(runs_dir):
     runs = plot_loss.load_runs([runs_dir])
-    rows = plot_loss.final_loss_table(runs, "spectral_lr_mul", baseline="1.0")
+    rows = plot_loss.final_loss_table(runs, "spectral_lr_mul")
     by = {r.group: r for r in rows}
-    # spectral_lr_mul 1.0: the three baseline seeds and ord1_s0 (the generator's default is 1.0)
-    assert by["1.0"].n == 4 and by["0.5"].n == 2 and by["1.0"].is_baseline
+    # the standard runs record no spectral_lr_mul: grouped by it they are the baseline, apart
+    # from the ORD script's runs at 1.0 (ord1_s0 finished) and 0.5
+    assert by["baseline"].n == 3 and by["baseline"].is_baseline and by["1.0"].n == 1 and by["0.5"].n == 2
+    # older logs recorded the field's default (1.0) for standard runs: still the baseline
+    old = runs[0].config | {"ord": False, "spectral_lr_mul": 1.0}
+    assert group_key(type(runs[0])(**{**runs[0].__dict__, "config": old}), "spectral_lr_mul") == "baseline"
     assert {r.group for r in plot_loss.final_loss_table(runs, "script")} == {"train_gpt.py", "train_gpt_muon_new.py"}
     assert plot_loss.resolve_baseline(runs, "script") == "train_gpt.py"
     assert all(r.delta is None for r in plot_loss.final_loss_table(runs, "tag", baseline="none"))

@@ -54,9 +54,11 @@ def write_run(
 ) -> dict:
     """Write a run log with the real writer. Returns what the test should find in it."""
     w = RunLogWriter(Path(log_dir) / f"{run_id}.txt", run_id, echo=False)
-    config = {"run_id": run_id, "tag": tag, "seed": seed, "script": script, "ord": ord_diag,
+    ord_on = ord_diag or script == "train_gpt_muon_new.py"
+    config = {"run_id": run_id, "tag": tag, "seed": seed, "script": script, "ord": ord_on,
               "lr_muls": [1.0, 1.52, 1.73, 1.0], "batch_sizes": [4096, 8192, 12288, 12288],
-              "num_scheduled_iterations": total, "spectral_lr_mul": 0.5 if ord_diag else 1.0}
+              "num_scheduled_iterations": total,
+              "spectral_lr_mul": (0.5 if ord_diag else 1.0) if ord_on else None}  # a standard run records none
     config.update(extra_config or {})
     w.header([("train_gpt.py", "step:1/2 val_loss:1.0 train_time:1ms step_avg:1.00ms\nprint('code')\n")],
              {"python": "3.11.7", "torch": "2.13.0", "world_size": 1}, config)
