@@ -38,11 +38,12 @@ from harness.errors import UserError, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "sweeps" / "report_ord.toml"
 SECTIONS = ("gradient_rank", "digits", "rank_manipulation", "gradient_snr", "ord_sweep")
-FOUR_WAY = {  # group tag in the sweep -> what its update is
-    "standard": "Polar(G)",
-    "spectral_lr_0": "Polar(G_perp)",
-    "spectral_lr_0.5": "Polar(G_perp) + 0.5 G_par",
-    "spectral_lr_1": "Polar(G_perp) + 1.0 G_par",
+BASE, PERP = "baseline_std", "polar_gperp"  # tags in sweeps/report_ord.toml: Polar(G), Polar(G_perp)
+FOUR_WAY = {  # group tag in the sweep -> what its update is (the fork's ORD: G_par in its units)
+    BASE: "Polar(G)",
+    PERP: "Polar(G_perp)",
+    "spectral_lr_0.5": "NorMuon(Polar(G - 0.5 G_par)) + 0.5 G_par",
+    "spectral_lr_1": "NorMuon(Polar(G_perp)) + 1.0 G_par",
 }
 THREADS = 2  # fixed so that the numbers repeat: float sums depend on the thread split
 
@@ -302,23 +303,23 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
     for r in runs:
         by_tag.setdefault(r.tag, []).append(r)
     d = out / "ord_sweep"
-    rows = PL.final_loss_table(runs, "tag", "standard")
+    rows = PL.final_loss_table(runs, "tag", BASE)
     PL.plot_final_bars(rows, d)
     PL.plot_val_loss(runs, "tag", d, x="step")
-    rows_perp = PL.final_loss_table(runs, "tag", "spectral_lr_0") if "spectral_lr_0" in by_tag else []
+    rows_perp = PL.final_loss_table(runs, "tag", PERP) if PERP in by_tag else []
     four = [r for r in runs if r.tag in FOUR_WAY]
     d4 = out / "ord_four_way"
-    rows4 = PL.final_loss_table(four, "tag", "standard")
+    rows4 = PL.final_loss_table(four, "tag", BASE)
     PL.plot_final_bars(rows4, d4)
     PL.plot_val_loss(four, "tag", d4, x="step")
-    seed0 = sorted((r for r in runs if r.tag in ("spectral_lr_0", "spectral_lr_1") and r.config["seed"] == sizes.sweep_seeds[0]),
+    seed0 = sorted((r for r in runs if r.tag in (PERP, "spectral_lr_1") and r.config["seed"] == sizes.sweep_seeds[0]),
                    key=lambda r: r.tag)
     d_rho = out / "ord_rho"
     PL.plot_ord(seed0, d_rho)
 
     # rho and ||G_par||/||G|| (mean over layers and seeds) at the first and last collection
     rho_rows, rho_numbers = [], {}
-    for tag in sorted(by_tag, key=lambda t: (t != "standard", t)):
+    for tag in sorted(by_tag, key=lambda t: (t != BASE, t)):
         first, last = [], []
         for r in by_tag[tag]:
             # step 0 is trivially 0: the hidden gradients start at zero (zero-initialised head)
@@ -350,7 +351,7 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
     perp_rows = [[r.group, f"{_f(r.mean)} ± {_f(r.std)}", "-" if r.delta is None else f"{r.delta:+.4f}",
                   "-" if r.p_value is None else f"{r.p_value:.3g}"]
                  for r in sorted(rows_perp, key=lambda r: r.group) if r.group.startswith("spectral_lr_")]
-    cfg = by_tag["standard"][0].config
+    cfg = by_tag[BASE][0].config
     scale = (f"{cfg['num_layers']} layers, width {cfg['model_dim']}, vocabulary {cfg['vocab_size']} (compact), "
              f"{cfg['num_scheduled_iterations']}+{cfg['num_extension_iterations']} steps of "
              f"{'/'.join(map(str, cfg['batch_sizes']))} tokens, {len(sizes.sweep_seeds)} seeds per group")
@@ -362,9 +363,14 @@ def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Secti
 
 {PL.format_markdown(rows)}
 
-Adding back m·G_par against Polar(G_perp) alone (spectral_lr_0 as the reference):
+Groups: `{BASE}` is train_gpt.py (Polar(G)); `spectral_lr_<s>` is the fork's ORD,
+NorMuon(Polar(G - s G_par)) + s G_par with G in the fork's gradient units (the sum loss x
+grad_scale; `spectral_lr_0` is the standard update through the ORD path); `{PERP}` is Polar(G_perp)
+with nothing added back; `projected_mean_1` is this harness's ORD before the fork's code was read
+(Polar(G - G_par) + G_par with G_par in mean-loss units, B/4 times smaller: it added almost nothing
+back). Against Polar(G_perp) alone ({PERP} as the reference):
 
-{markdown_table(["group", "final val loss", "Δ vs spectral_lr_0", "p (Welch)"], perp_rows)}
+{markdown_table(["group", "final val loss", f"Δ vs {PERP}", "p (Welch)"], perp_rows)}
 **The four-way comparison**
 
 ![four-way]({(d4 / 'final_loss.png').relative_to(out).as_posix()})
@@ -377,7 +383,7 @@ validation step; below, the mean over layers and seeds at the first such step af
 {_figures(d_rho, out)}
 
 {markdown_table(["group", "rho first", "rho last", "‖G_par‖/‖G‖ first", "‖G_par‖/‖G‖ last"], rho_rows)}
-**Answer.** Best group: {rows[0].group} ({_f(rows[0].mean)}; standard {_f(base.mean)} ± {_f(base.std)}).
+**Answer.** Best group: {rows[0].group} ({_f(rows[0].mean)}; {BASE} {_f(base.mean)} ± {_f(base.std)}).
 Significantly better than standard (Welch p < 0.05): {', '.join(r.group for r in better) or 'none'};
 significantly worse: {', '.join(r.group for r in worse) or 'none'}. Scale: the tiny preset ({scale}), on
 the local corpus; one CPU rank per run. With {len(sizes.sweep_seeds)} seeds a Welch test detects only
@@ -385,7 +391,7 @@ differences several times the seed spread, and 20-odd comparisons at p < 0.05 gi
 positive by chance.
 """
     sweep = Section("The ORD sweep on the tiny preset", sweep_text, numbers)
-    return sweep, weight_dynamics(out, by_tag["standard"])
+    return sweep, weight_dynamics(out, by_tag[BASE])
 
 
 def weight_dynamics(out: Path, standard: list) -> Section:
@@ -483,12 +489,12 @@ def summary(sections: dict[str, Section]) -> str:
     if ords:
         n = ords.numbers
         g = n["groups"]
-        adds = [t for t in g if t.startswith("spectral_lr_") and t != "spectral_lr_0"]
+        adds = [t for t in g if t.startswith("spectral_lr_") and t != "spectral_lr_0"]  # s > 0 adds back
         helped = [t for t in n["better"] if t in adds]
         hurt = [t for t in n["worse"] if t in adds]
         helped_perp = [t for t in n["better_than_perp"] if t in adds]
         best_add = min(adds, key=lambda t: g[t]["mean"]) if adds else None
-        perp = g.get("spectral_lr_0")
+        perp = g.get(PERP)
         if helped:
             ans = f"yes, at m = {', '.join(t.rsplit('_', 1)[1] for t in helped)}"
         elif helped_perp:
@@ -499,15 +505,15 @@ def summary(sections: dict[str, Section]) -> str:
             ans = "inconclusive"
         if best_add:
             lines.append(f"| ORD: does adding back m·G_par help, at which m? | {ans} | lowest mean: {best_add} "
-                         f"({_f(g[best_add]['mean'])} vs standard {_f(g['standard']['mean'])}, p {fmt(g[best_add]['p'])}); "
+                         f"({_f(g[best_add]['mean'])} vs standard {_f(g[BASE]['mean'])}, p {fmt(g[best_add]['p'])}); "
                          f"vs standard at p<0.05, better: {', '.join(helped) or 'none'}, worse: {', '.join(hurt) or 'none'}; "
                          f"vs Polar(G_perp), better: {', '.join(helped_perp) or 'none'}, worse: "
                          f"{', '.join(t for t in n['worse_than_perp'] if t in adds) or 'none'} |")
         if perp:
-            verdict = ("worse" if "spectral_lr_0" in n["worse"] else "better" if "spectral_lr_0" in n["better"]
+            verdict = ("worse" if PERP in n["worse"] else "better" if PERP in n["better"]
                        else "inconclusive")
             lines.append(f"| ORD: is Polar(G_perp) better or worse than Polar(G)? | {verdict} | "
-                         f"{_f(perp['mean'])} ± {_f(perp['std'])} vs {_f(g['standard']['mean'])} ± {_f(g['standard']['std'])}, "
+                         f"{_f(perp['mean'])} ± {_f(perp['std'])} vs {_f(g[BASE]['mean'])} ± {_f(g[BASE]['std'])}, "
                          f"p {fmt(perp['p'])} |")
     return "\n".join(lines) + "\n"
 
@@ -529,7 +535,7 @@ def comparison_with_reference(sections: dict[str, Section]) -> str:
                    f"({', '.join(dg.numbers['fell']) or 'none'}).")
     if ords:
         g = ords.numbers["groups"]
-        pieces = [f"{t} {_f(g[t]['mean'])}" for t in ("standard", "spectral_lr_0", "spectral_lr_1") if t in g]
+        pieces = [f"{t} {_f(g[t]['mean'])}" for t in (BASE, "spectral_lr_0", "spectral_lr_0.1", "spectral_lr_1") if t in g]
         out.append("- The seed experiment's fork (8xH100, 124M, 1600 steps): standard 3.2705, ORD at 0 3.2727, ORD at 1 "
                    f"3.4093 (ORD 1 clearly worse, ORD 0 about equal). Here: {', '.join(pieces)}.")
     return "\n".join(out) + "\n"

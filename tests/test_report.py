@@ -74,24 +74,29 @@ def test_sweep_numbers_come_from_the_run_logs(quick_report):
     logs = [read_log(p) for p in find_logs([quick_report / "runs"])]
     assert len(logs) == len(runs["runs"]) == 16  # 8 groups x 2 seeds
     groups = results["ord_sweep"]["groups"]
-    assert set(groups) == {"standard", "spectral_lr_0", "spectral_lr_0.02", "spectral_lr_0.05", "spectral_lr_0.1",
-                           "spectral_lr_0.3", "spectral_lr_0.5", "spectral_lr_1"}
+    assert set(groups) == {"baseline_std", "polar_gperp", "projected_mean_1", "spectral_lr_0", "spectral_lr_0.01",
+                           "spectral_lr_0.1", "spectral_lr_0.5", "spectral_lr_1"}
     for tag, g in groups.items():
         vals = sorted(l.final_val_loss for l in logs if l.tag == tag)
         assert g["n"] == 2 and sorted(g["values"]) == vals
         assert math.isclose(g["mean"], float(np.mean(vals)), rel_tol=1e-12)
-        assert (g["p"] is None) == (tag == "standard")
+        assert (g["p"] is None) == (tag == "baseline_std")
     for r in runs["runs"]:
         cfg = r["config"]
         assert r["status"] == "finished" and r["seed"] in (0, 1) and cfg["seed"] == r["seed"]
         assert cfg["compact_vocab"] is True and cfg["num_layers"] == 2
         assert r["git_commit"] == runs["commit"]
-        if r["tag"] == "spectral_lr_0":  # Polar(G_perp): the projection on, nothing added back
-            assert cfg["ord"] and cfg["ord_project"] and cfg["spectral_lr_mul"] == 0
-        if r["tag"] == "standard":
-            assert not cfg["ord"] and cfg["script"] == "train_gpt.py"
+        if r["tag"] == "polar_gperp":  # Polar(G_perp): the projected form, nothing added back
+            assert cfg["ord"] and cfg["ord_form"] == "projected" and cfg["spectral_lr_mul"] == 0
+        if r["tag"].startswith("spectral_lr_"):  # the fork's ORD
+            assert (cfg["ord_form"], cfg["ord_units"]) == ("interpolated", "fork")
+            assert cfg["spectral_lr_mul"] == float(r["tag"].rsplit("_", 1)[1])
+        if r["tag"] == "projected_mean_1":  # the harness's ORD before the fork's code was read
+            assert (cfg["ord_form"], cfg["ord_units"], cfg["spectral_lr_mul"]) == ("projected", "mean", 1.0)
+        if r["tag"] == "baseline_std":
+            assert not cfg["ord"] and cfg["script"] == "train_gpt.py" and cfg["spectral_lr_mul"] is None
     # rho was logged by the ORD runs only, and the standard runs' diagnostics fed section 5
-    assert "standard" not in results["ord_sweep"]["rho"] and "spectral_lr_1" in results["ord_sweep"]["rho"]
+    assert "baseline_std" not in results["ord_sweep"]["rho"] and "spectral_lr_1" in results["ord_sweep"]["rho"]
     assert results["weight_dynamics"]["by_block"]
 
 
