@@ -3,7 +3,7 @@
     python bench/ord_overhead.py [--steps 6] [--rounds 3]
 
 One process, one model shape, random tokens: full training steps (forward, backward, NorMuon
-+ Adam) with the standard update and with ORD (spectral_lr_mul 0.1), alternating in rounds so
++ Adam) with the standard update and with the fork's ORD (spectral_lr_mul 0.1), alternating in rounds so
 drift of the machine hits both alike; prints the median step time of each and the ratio.
 """
 
@@ -38,10 +38,10 @@ def step_times(cfg, model, opt, steps: int) -> list[float]:
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 50257, (cfg.device_batch_tokens // cfg.seq_len, cfg.seq_len), generator=g)
     out = []
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         model(x, x).backward()
-        opt.step(1.0, 0.95)
+        opt.step(step, 1.0, 0.95, unit_scale=cfg.device_batch_tokens / 4)
         opt.zero_grad()
         out.append(time.perf_counter() - t0)
     return out
