@@ -50,7 +50,7 @@ def train(kind: str, size: C.LMSize, seed: int, measure: int = 10) -> dict:
         if muon is not None and measuring:
             for r in refs:
                 O = muon.state[r.param]["ns_out"]
-                after_ns[r.name].append(float(sp.effective_rank(O if r.index is None else O[r.index])))
+                after_ns[r.name].append(float(sp.effective_rank(O.view(-1, *r.shape)[r.index])))
         opt.zero_grad()
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):

@@ -51,7 +51,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, topk: int = 8, every: int |
         due = diag.due(step)
         if due:
             diag.begin(step)
-        opt.step(1.0, cfg.muon_momentum)
+        opt.step(step, 1.0, cfg.muon_momentum)
         if due:
             diag.end(step)
         opt.zero_grad()
