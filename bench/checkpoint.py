@@ -42,10 +42,10 @@ def build(preset: str, out_dir: Path):
     torch.manual_seed(0)
     model = GPT(ModelShape.from_config(cfg))
     opt = Optimizers(model, cfg, info)
-    for p in opt.adam.params:
-        p.grad = torch.randn_like(p) * 1e-3
+    for e in opt.adam.entries:
+        e.param.grad = torch.randn_like(e.param) * 1e-3
     opt.adam.launch_reduce()
-    opt.adam.step(1.0)  # creates Adam's exp_avg / exp_avg_sq
+    opt.adam.step(1, 1.0)  # fills Adam's exp_avg / exp_avg_sq
     for g in opt.muon.groups:
         g.momentum.normal_()
         g.second_moment.uniform_()

@@ -14,6 +14,7 @@ Both measured side by side in this process; the median of --repeat runs is print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -78,7 +79,7 @@ def bench_step(preset: str, device: torch.device, repeat: int) -> None:
     t_ref = median_time(lambda: (theirs.step(), sync()), repeat)
     print(f"{preset:9s} {len(mats):3d} matrices  torch.optim.Muon (quintic, bfloat16) {t_ref * 1e3:9.1f} ms")
     for dtype in dict.fromkeys([ns_dtype(cfg, device), torch.bfloat16]):
-        ours.ns_dtype = dtype
+        ours.rule = dataclasses.replace(ours.rule, ns_dtype=dtype)
         t_ours = median_time(lambda: (ours.step(1.0, 0.95), sync()), repeat)
         print(f"{preset:9s}   ours (polar express, NorMuon, {dtype}) {t_ours * 1e3:9.1f} ms"
               f"  ratio {t_ours / t_ref:5.2f}  (goal <= 1.0)")
