@@ -44,7 +44,7 @@ def test_sweep_file_is_a_directory(tmp_path):
 
 
 def test_negative_grace(tmp_path):
-    one_error(launch(tmp_path, "--grid", "spectral_lr_mul=0", "--grace", "-1", *tiny_sets(2)), "--grace -1", ">= 0")
+    one_error(launch(tmp_path, "--grid", "spectral_lr_mul=0", "--script", "train_gpt_muon_new.py", "--grace", "-1", *tiny_sets(2)), "--grace -1", ">= 0")
     assert not (tmp_path / "logs").exists()
 
 

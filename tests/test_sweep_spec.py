@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import RUN_ID_PATTERN, load_config
+from harness.config import script_overrides, RUN_ID_PATTERN, load_config
 from harness.errors import UserError
 from harness.sweep import create_sweep
 from harness.sweep_spec import SweepSpec, apply_flags, expand, load_sweep_file, run_id_for, value_text
@@ -26,9 +26,10 @@ def test_spectral_lr_toml_is_the_seed_experiment(tmp_path):
     spec = load_sweep_file(ROOT / "sweeps/spectral_lr.toml")
     m = create_sweep(spec, repo_root=ROOT, log_dir=str(tmp_path), max_runs=200)
     by_tag = {r.tag: r for r in m.runs}
-    assert list(by_tag)[:3] == ["baseline_std_0", "spectral_lr_0", "spectral_lr_1"]
-    assert [t for t in by_tag][3:] == ["spectral_lr_0.02", "spectral_lr_0.05", "spectral_lr_0.1", "spectral_lr_0.2", "spectral_lr_0.3"]
-    assert by_tag["baseline_std_0"].script == "train_gpt.py" and by_tag["baseline_std_0"].baseline
+    # the fork's grid (reference/fork/SPECTRAL_SWEEP_FINAL.md) and its tags
+    assert list(by_tag) == ["baseline_std", "spectral_lr_0", "spectral_lr_0.01", "spectral_lr_0.1", "spectral_lr_0.5",
+                            "spectral_lr_1"]
+    assert by_tag["baseline_std"].script == "train_gpt.py" and by_tag["baseline_std"].baseline
     assert all(r.script == "train_gpt_muon_new.py" for r in m.runs[1:])
     for r in m.runs:
         assert r.nproc == 8 and RUN_ID_PATTERN.match(r.run_id) and len(r.run_id) <= 200
@@ -36,13 +37,15 @@ def test_spectral_lr_toml_is_the_seed_experiment(tmp_path):
         # the command, parsed by the trainer's own config loader, is the experiment
         args = r.command[r.command.index(r.script) + 1:]
         assert r.command[:3] == [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=8"]
-        cfg = load_config(args, env={})
+        cfg = load_config(args, env={}, overrides=script_overrides(r.script))
         assert cfg.preset == "speedrun" and cfg.lr_muls == [1.0, 1.52, 1.73, 1.0] and cfg.cooldown_frac == 0.55
         assert cfg.batch_sizes == [131072, 262144, 393216, 393216]
         assert (cfg.num_scheduled_iterations, cfg.num_extension_iterations, cfg.val_loss_every) == (1560, 40, 50)
         assert cfg.tag == r.tag and cfg.run_id == r.run_id and cfg.seed == 0 and cfg.log_dir == str(tmp_path)
-    assert load_config(by_tag["spectral_lr_0"].command[4:], env={}).spectral_lr_mul == 0.0
-    assert load_config(by_tag["spectral_lr_0.05"].command[4:], env={}).spectral_lr_mul == 0.05
+    ord_on = {"ord": True}
+    assert load_config(by_tag["spectral_lr_0"].command[4:], env={}, overrides=ord_on).spectral_lr_mul == 0.0
+    assert load_config(by_tag["spectral_lr_0.1"].command[4:], env={}, overrides=ord_on).spectral_lr_mul == 0.1
+    assert load_config(by_tag["baseline_std"].command[4:], env={}).spectral_lr_mul is None
     assert len({r.run_id for r in m.runs}) == len(m.runs)
 
 
@@ -50,11 +53,11 @@ def test_tiny_ord_toml_expands_with_seeds(tmp_path):
     spec = apply_flags(load_sweep_file(ROOT / "sweeps/tiny_ord.toml"), seeds="0,1")
     m = create_sweep(spec, repo_root=ROOT, log_dir=str(tmp_path), max_runs=200)
     assert [(r.tag, r.seed) for r in m.runs] == [
-        ("baseline_std_0", 0), ("baseline_std_0", 1), ("spectral_lr_0", 0), ("spectral_lr_0", 1),
+        ("baseline_std", 0), ("baseline_std", 1), ("spectral_lr_0", 0), ("spectral_lr_0", 1),
         ("spectral_lr_0.1", 0), ("spectral_lr_0.1", 1), ("spectral_lr_1", 0), ("spectral_lr_1", 1)]
     # one process on CPU: plain python; several seeds: the seed is in the run id
     assert all(r.command[0] == sys.executable for r in m.runs)
-    assert m.runs[1].run_id.startswith("lrmul-1-1.52-1.73-1-cd0.55-baseline_std_0-s1-")
+    assert m.runs[1].run_id.startswith("lrmul-1-1.52-1.73-1-cd0.55-baseline_std-s1-")
 
 
 def test_flags_grid_product_baseline_and_list_fields(tmp_path):
@@ -123,6 +126,6 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
     r = _launch("sweeps/spectral_lr.toml", "--dry-run", "--slurm", "--partition", "gpu", "--time", "01:00:00",
                 "--nodes", "2", "--log-dir", str(tmp_path / "logs"))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("#SBATCH --partition=gpu") == 8 and r.stdout.count("#SBATCH --gpus-per-node=8") == 8
+    assert r.stdout.count("#SBATCH --partition=gpu") == 6 and r.stdout.count("#SBATCH --gpus-per-node=8") == 6
     assert "--nnodes=$SLURM_NNODES" in r.stdout and '--rdzv-endpoint="$head:$port"' in r.stdout
     assert not (tmp_path / "logs").exists()

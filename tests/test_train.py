@@ -40,12 +40,23 @@ def test_divergence_exits_nonzero_with_status(tmp_path, shards_dir):
     assert any("diverged" in line for line in error_lines(proc))
 
 
-def test_crash_ends_the_log_with_failed(tmp_path, shards_dir):
-    # Adam's step size lr / (1 - beta1) no longer fits in float32: torch raises mid-step
-    proc = run_train(tmp_path, shards_dir, "--adam_lr", "1e38")
-    assert proc.returncode == 1
+def test_crash_ends_the_log_with_failed(tmp_path, shards_dir, monkeypatch):
+    # a fault injected into the optimizer mid-run, in-process: any crash ends the log as failed
+    from harness import optim, trainer
+    from train_utils import SMALL
+
+    def broken(self, step, lr_mul):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(optim.LabelledAdam, "step", broken)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    code = trainer.main("train_gpt.py", [*SMALL, "--log_dir", str(tmp_path / "logs"), "--run_id", "run",
+                                         "--train_files", str(shards_dir / "local_train_*.bin"),
+                                         "--val_files", str(shards_dir / "local_val_*.bin")])
+    assert code == 1
     log = log_of(tmp_path)
-    assert log.status == "failed" and "RuntimeError" in str(log.status_fields["reason"])
+    assert log.status == "failed" and "RuntimeError:injected" in str(log.status_fields["reason"])
 
 
 def _bad_shard(path, magic=20240520, version=1, n=1000, truncate=0):
@@ -139,7 +150,7 @@ def test_config_line_has_tag_and_assignment(tmp_path, shards_dir):
     cfg = read_log(tmp_path / "logs" / "run.txt").config
     assert cfg["tag"] == "mytag" and cfg["seed"] == 3
     assert cfg["param_assignment"]["blocks.0.attn.qkv"] == "muon"
-    assert cfg["param_assignment"]["lm_head.weight"] == "adam_head"
+    assert cfg["param_assignment"]["lm_head.weight"] == "adam_lm_head"
     json.dumps(cfg)
 
 
