@@ -47,7 +47,7 @@ def one_step(model, opt, diag, step=0):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if diag is not None:
         diag.begin(step)
-    opt.step(1.0, 0.9)
+    opt.step(step, 1.0, 0.9)
     if diag is not None:
         diag.end(step)
     opt.zero_grad()
@@ -64,7 +64,7 @@ def test_muon_metrics_match_an_independent_computation(tmp_path):
         m = records[name]
         assert list(m) == list(MUON_METRICS)
         pname = next(n for n, p in model.named_parameters() if p is r.param)
-        sl = (lambda t: t) if r.index is None else (lambda t, i=r.index: t[i])
+        sl = lambda t, r=r: t.view(-1, *r.shape)[r.index]  # noqa: E731 - this matrix of its parameter
         grad, W0, W1 = sl(grads[pname]), sl(before[pname]), r.weight().detach()
         # first step: momentum buffer = (1 - mu) g, Nesterov G = g.lerp(buf, mu)
         G = grad.lerp(grad * 0.1, 0.9)
@@ -135,14 +135,14 @@ def test_zero_gradient_metrics_are_nan_not_errors(tmp_path):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     diag.begin(0)
-    opt.step(1.0, 0.9)
+    opt.step(0, 1.0, 0.9)
     diag.end(0)
     for _, _, m in diag.take_records():
         assert math.isnan(m["eff_rank"]) and m["fro"] == 0.0
 
 
-def test_under_ord_the_ns_effect_is_measured_on_g_perp(tmp_path):
-    from harness.optim import ord_decompose
+def test_under_ord_the_ns_effect_is_measured_on_what_is_orthogonalized(tmp_path):
+    from harness.optim import ord_split
 
     cfg, model, opt, diag = setup(tmp_path, ord=True, spectral_lr_mul=0.5)
     grads, before = one_step(model, opt, diag)
@@ -150,7 +150,8 @@ def test_under_ord_the_ns_effect_is_measured_on_g_perp(tmp_path):
     r = next(r for g in opt.muon.groups for r in g.refs if r.name.endswith("mlp.fc.weight"))
     grad, W0 = grads[r.name], before[r.name]
     G = grad.lerp(grad * 0.1, 0.9)
-    _, _, G_perp = ord_decompose(G, W0, cfg.spectral_proj_eps)
+    _, G_par = ord_split(G, W0, cfg.spectral_proj_eps)
+    G_perp = G - 0.5 * G_par  # the fork's interpolated form at s = 0.5: Polar(G - s G_par)
     O = orthogonalize(G_perp)
     m = records[r.name]
     assert m["ns_angle_deg"] == pytest.approx(sp.ns_effect(G_perp, O).angle_deg.item(), rel=1e-4)
