@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure  # object API: no pyplot state, no display backend needed
 
-from harness.errors import UserError, run_cli
+from harness.errors import UserError, dir_write_error, run_cli
 from harness.runlog import RunLog, read_log, find_logs
 from harness.runs import default_baseline, group_key, group_runs
 
@@ -81,12 +81,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a directory")
-    probe = out / f".write-test.{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    e = dir_write_error(out)
+    if e is not None:
         what = "a path in it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else \
             f"cannot write there ({e.strerror or e})"
         raise UserError(f"--out {out}: {what}; pass --out DIR with a writable directory") from None

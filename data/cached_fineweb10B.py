@@ -12,7 +12,6 @@ is skipped without a request; a present but damaged one is fetched again.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as `python data/cached_fineweb10B.py`: make
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.shards import read_header  # noqa: E402
-from harness.errors import UserError  # noqa: E402
+from harness.errors import UserError, dir_write_error  # noqa: E402
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103
@@ -50,12 +49,8 @@ def _check_writable(out_dir: Path, missing: list[str]) -> None:
         raise UserError(f"--dir {out_dir}: is a file, not a directory")
     if not missing:
         return
-    probe = out_dir / f".write-test.{os.getpid()}"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    e = dir_write_error(out_dir)
+    if e is not None:
         raise UserError(f"--dir {out_dir}: cannot write the {len(missing)} missing shard(s) there"
                         f" ({e.strerror or e}); pass --dir DIR with a writable directory") from None
 

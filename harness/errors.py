@@ -1,6 +1,8 @@
 """One exception type for bad input: the entry points print its message as one line and exit 2."""
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 
@@ -26,3 +28,16 @@ def run_cli(main: Callable[[], int], *, broken_pipe_ok: bool = False) -> NoRetur
             raise
         code = 0
     sys.exit(code)
+
+
+def dir_write_error(directory: Path) -> OSError | None:
+    """Create `directory` if needed and write and remove a probe file in it: the OSError that
+    stopped it, or None when the directory is writable (checked before any real output)."""
+    probe = Path(directory) / f".write-test.{os.getpid()}"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e
+    return None

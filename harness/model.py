@@ -223,30 +223,6 @@ class GPT(nn.Module):
             return [f"{name}.{part}" for part in "qkv"]
         return [name]
 
-    def param_specs(self) -> list[ParamSpec]:
-        """The parameter table (harness/params.py): labels, and the Muon matrices with their roles."""
-        d, h = self.shape.model_dim, self.shape.mlp_ratio * self.shape.model_dim
-        specs = []
-        for name, p in self.named_parameters():
-            if name.startswith("embed."):
-                specs.append(ParamSpec(name, "embed"))
-            elif name.startswith("value_embeds."):
-                specs.append(ParamSpec(name, "value_embed"))
-            elif name.startswith("lm_head."):
-                specs.append(ParamSpec(name, "lm_head"))
-            elif name.endswith("attn.qkv"):
-                specs.append(ParamSpec(name, "attn", (d, d), tuple(MatrixSpec(f"{name}.{part}", f"attn_{part}")
-                                                                for part in "qkv")))
-            elif name.endswith("attn.proj.weight"):
-                specs.append(ParamSpec(name, "attn", (d, d), (MatrixSpec(name, "attn_o"),)))
-            elif name.endswith("mlp.fc.weight"):
-                specs.append(ParamSpec(name, "mlp", (h, d), (MatrixSpec(name, "mlp_fc"),)))
-            elif name.endswith("mlp.proj.weight"):
-                specs.append(ParamSpec(name, "mlp", (d, h), (MatrixSpec(name, "mlp_proj"),)))
-            else:
-                specs.append(ParamSpec(name, "scalars"))
-        return specs
-
     def param_roles(self) -> dict[str, str]:
         """name -> muon | embed | head | scalar."""
         roles = {}

@@ -35,7 +35,7 @@ from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
 from harness.diagnostics import SpectralDiagnostics
-from harness.errors import UserError
+from harness.errors import UserError, dir_write_error
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
@@ -492,12 +492,8 @@ def _check_data(ckpt: dict[str, Any], data: dict[str, list[dict]], path: Path) -
 def _check_checkpoint_dir(cfg: Config) -> None:
     base = Path(cfg.checkpoint_dir)
     directory = ckpt_io.run_dir(cfg)
-    probe = directory / f".write-test.{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
+    e = dir_write_error(directory)
+    if e is not None:
         if any(p.exists() and not p.is_dir() for p in (base, directory)):
             what = "is a file, not a directory"
         else:

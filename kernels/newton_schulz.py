@@ -19,7 +19,7 @@ import torch
 from harness.errors import UserError
 
 # Polar express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): 5 iterations computed
-# with safety factor 2e-2 and cushion 2 (see /work/shared/REFERENCE.md), one triple per step.
+# with safety factor 2e-2 and cushion 2 (REFERENCE.md, "Orthogonalization"), one triple per step.
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
