@@ -8,9 +8,11 @@ step, where they save a checkpoint, log `status:preempted step:N` and exit 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -51,3 +53,20 @@ class StopRequest:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
         return bool(hdist.all_reduce_mean_(flag).item() > 0)
+
+
+# A test hook, off by default: HARNESS_TEST_HOLD="N:PATH" makes the run wait after logging
+# training step N until PATH exists or a stop is requested (SIGTERM), so signal tests can act
+# on a run that is provably mid-run instead of racing a short one. Documented in tests/.
+HOLD_VAR = "HARNESS_TEST_HOLD"
+
+
+def hold_for_test(step: int, stop: StopRequest, poll_s: float = 0.02) -> None:
+    spec = os.environ.get(HOLD_VAR)
+    if not spec:
+        return
+    at, _, path = spec.partition(":")
+    if step != int(at):
+        return
+    while not stop.requested and not os.path.exists(path):
+        time.sleep(poll_s)

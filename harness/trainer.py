@@ -39,7 +39,7 @@ from harness.errors import UserError
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
-from harness.preemption import StopRequest
+from harness.preemption import StopRequest, hold_for_test
 from harness.runlog import RunLogWriter, log_path
 from harness.runinfo import environment, project_sources
 from harness.schedule import Schedule
@@ -286,6 +286,7 @@ class Trainer:
             state.train_time_ms += (time.perf_counter() - t0) * 1000
             state.step = step + 1
             self._log_step(state.step, train_loss=train_loss)
+            hold_for_test(state.step, self.stop)  # off unless HARNESS_TEST_HOLD is set
             if collect:
                 self._log_ord_stats(step)
             if self.diag is not None:

@@ -184,7 +184,15 @@ def _wait_for(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _running_with_steps(logs: Path, n: int):
+def held_env(tmp_path: Path, step: int) -> tuple[dict, Path]:
+    """The environment for a launcher whose runs wait after logging training step `step` until
+    the returned marker file exists or they get SIGTERM (harness.preemption.hold_for_test):
+    a signal sent while a run holds there lands mid-run by construction, however fast the run."""
+    marker = tmp_path / "release"
+    return {**os.environ, "HARNESS_TEST_HOLD": f"{step}:{marker}"}, marker
+
+
+def _running_with_steps(logs: Path, n: int, at_step: int = 1):
     try:
         doc = manifest_doc(logs)
     except (ValueError, FileNotFoundError):
@@ -192,7 +200,7 @@ def _running_with_steps(logs: Path, n: int):
     out = []
     for x in doc["runs"]:
         p = log_path(logs, x["run_id"])
-        if x["status"] == "running" and p.exists() and read_log(p).train_steps:
+        if x["status"] == "running" and p.exists() and (ts := read_log(p).train_steps) and ts[-1].step >= at_step:
             out.append(x)
     return out if len(out) >= n else None
 
@@ -202,12 +210,14 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     sweep = tmp_path / "ord.toml"
     sweep.write_text('name = "ord"\n[defaults]\nseeds = [0]\n[[grids]]\ntag = "ord"\nscript = "train_gpt_muon_new.py"\n'
                      "[grids.axes]\nspectral_lr_mul = [0.0, 1.0]\n")
+    env, release = held_env(tmp_path, 1)  # each run holds after step 1 until `release` exists
     launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log-dir", str(logs), *tiny_sets(6)],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         (victim,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the first run's first step")
         assert Path(victim["command"][0]).name == "torchrun"
         os.kill(victim["pid"], signal.SIGKILL)
+        release.touch()  # the other run goes through
         out, _ = launcher.communicate(timeout=300)
     finally:
         if launcher.poll() is None:
@@ -321,11 +331,12 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     """SIGTERM to the launcher (what Slurm sends it) reaches the run: the trainer checkpoints and
     writes status:preempted; --resume continues that run id with --resume latest, same log."""
     logs = tmp_path / "logs"
+    env, _ = held_env(tmp_path, 2)  # the run holds after step 2 until SIGTERM reaches it
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
                                  "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        (run,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the run's first step")
+        (run,) = _wait_for(lambda: _running_with_steps(logs, 1, at_step=2), 120, "the run's step 2")
         launcher.send_signal(signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
     finally:
@@ -336,7 +347,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     log = read_log(log_path(logs, run["run_id"]))
     assert log.status == "preempted" and (x["status"], x["exit_code"]) == ("preempted", 0), out
     stopped_at = int(log.status_fields["step"])
-    assert 1 <= stopped_at < 8
+    assert stopped_at == 2  # where it held: the signal came mid-run
     r = subprocess.run([*LAUNCHER, "--resume", manifest_doc(logs)["sweep_id"], "--log-dir", str(logs)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
