@@ -9,6 +9,8 @@ run in that copy, and the mutation is reported `caught` (the tests failed) or `s
     python tests/mutation_check.py resume monitor  # the ones whose name contains a word
     python tests/mutation_check.py --baseline      # first check the targeted tests pass unmutated
     python tests/mutation_check.py --list
+    python tests/mutation_check.py --before 410e381  # the same, against that commit's tests/
+                                                   # (the targeted files that exist there, whole)
 
 Exit code: 0 when every mutation run was caught, 1 when one survived, 2 on a usage error
 (unknown name, or a substitution that no longer matches exactly once).
@@ -64,6 +66,19 @@ def copy_repo(dst: Path) -> None:
         shutil.copytree(local, dst / "data" / "local")
 
 
+def use_tests_of(root: Path, rev: str) -> None:
+    """Replace tests/ in the scratch copy with the tests/ of commit `rev`."""
+    shutil.rmtree(root / "tests")
+    tar = subprocess.run(["git", "archive", rev, "tests"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
+
+
+def tests_before(root: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
+    """The targeted test files that exist in the (old) tests/ of the copy, whole."""
+    files = dict.fromkeys(t.split("::")[0] for t in tests)
+    return tuple(f for f in files if (root / f).is_file())
+
+
 def apply(root: Path, m: Mutation) -> None:
     path = root / m.file
     text = path.read_text()
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="run each targeted test set unmutated first")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--before", metavar="REV", help="run against the tests/ of commit REV instead")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.names or any(n in m.name for n in args.names)]
     if not chosen:
@@ -103,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         clean = Path(tmp) / "clean"
         copy_repo(clean)
+        if args.before:
+            use_tests_of(clean, args.before)
+        targets = {m.name: tests_before(clean, m.tests) if args.before else m.tests for m in chosen}
         if args.baseline:
-            for tests in dict.fromkeys(m.tests for m in chosen if not m.cuda_only):
+            for tests in dict.fromkeys(targets[m.name] for m in chosen if not m.cuda_only and targets[m.name]):
                 rc, tail = run_tests(clean, tests, args.timeout)
                 print(f"baseline {'ok' if rc == 0 else 'FAILS'}: {' '.join(tests)} ({tail})", flush=True)
                 if rc != 0:
@@ -113,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
             if m.cuda_only:
                 print(f"{m.name:40s} not run (needs CUDA): {' '.join(m.tests)}", flush=True)
                 continue
+            tests = targets[m.name]
+            if not tests:
+                print(f"{m.name:40s} no test  (none of {' '.join(m.tests)} exists there)", flush=True)
+                survived += 1
+                continue
             work = Path(tmp) / "m"
             shutil.copytree(clean, work, symlinks=True)
             apply(work, m)
             t0 = time.monotonic()
-            rc, tail = run_tests(work, m.tests, args.timeout)
+            rc, tail = run_tests(work, tests, args.timeout)
             shutil.rmtree(work)
             # 5: no test collected (counts as survived); -1: timed out (a hang: caught, but look)
             verdict = {0: "SURVIVED", 5: "SURVIVED", -1: "timeout"}.get(rc, "caught")
             survived += verdict == "SURVIVED"
-            print(f"{m.name:40s} {verdict:8s} {time.monotonic() - t0:5.0f}s  {' '.join(m.tests)}  [{tail}]",
+            print(f"{m.name:40s} {verdict:8s} {time.monotonic() - t0:5.0f}s  {' '.join(tests)}  [{tail}]",
                   flush=True)
     return 1 if survived else 0
 

@@ -79,6 +79,26 @@ def test_once_json_fields_match_the_logs(logs):
     assert comp["ord"]["delta"] == pytest.approx(ordm - base, abs=2e-4) and comp["baseline"]["delta"] == 0.0
 
 
+def test_best_is_the_lowest_validation_not_the_last(tmp_path):
+    """A run whose loss rose at its last two validations (a late LR spike): "best" is the minimum
+    over the finite validations, with its step, while "val" stays the last one."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    exp = write_run(d, "up", tag="spike", total=40, val_add={30: 0.30, 40: 0.20})
+    vals = exp["vals"]  # {0: 10.78, 10: ..., 20: ..., 30: ..., 40: ...}, rounded as logged
+    best_step = min(vals, key=vals.get)
+    assert best_step == 20 and vals[40] > vals[20]  # the fixture is what this test is about
+    r = run_cli(d, "--once", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["best_val_step"] == 20 and run["best_val_loss"] == pytest.approx(vals[20], abs=5e-5)
+    assert run["val_step"] == 40 and run["val_loss"] == pytest.approx(vals[40], abs=5e-5)
+    assert run["final_val_loss"] == pytest.approx(vals[40], abs=5e-5)
+    r = run_cli(d, "--once")  # the table shows it too
+    assert r.returncode == 0, r.stderr
+    assert f"{vals[20]:.4f} @20" in r.stdout
+
+
 def test_csv_filter_and_table(logs):
     d, _ = logs
     r = run_cli(d, "--format", "csv", "--filter", "BASE")
