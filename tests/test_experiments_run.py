@@ -151,4 +151,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.digits_comparison", "--out", str(tmp_path / "o"),
                            "--mnist", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: --mnist") and len(proc.stderr.strip().splitlines()) == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: --mnist {tmp_path}: train-images-idx3-ubyte(.gz) not found (needs train-images-idx3-ubyte, "
+                    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)")

@@ -137,9 +137,16 @@ def test_sweep_manifest(logs):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for args in ([tmp_path / "missing"], [tmp_path, "--watch", "0"], [tmp_path, "--watch", "1", "--format", "json"]):
+    """Each error names what was wrong (the value or path given) and what is allowed."""
+    for args, message in (
+        ([tmp_path / "missing"], f"error: {tmp_path / 'missing'}: no such log file or directory"),
+        ([tmp_path, "--watch", "0"], "error: --watch 0.0: the refresh interval must be > 0 seconds"),
+        ([tmp_path, "--watch", "-2"], "error: --watch -2.0: the refresh interval must be > 0 seconds"),
+        ([tmp_path, "--watch", "1", "--format", "json"],
+         "error: --watch shows the live table; --once/--format json|csv print once (choose one)"),
+    ):
         r = run_cli(*args)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
 
 
 def test_refresh_is_incremental(tmp_path):
