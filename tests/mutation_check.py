@@ -40,14 +40,97 @@ class Mutation:
     tests: tuple[str, ...]  # pytest node ids (relative to the repository root)
     why: str = ""
     cuda_only: bool = False  # the catching test needs CUDA (skipped here: reported, not run)
+    before: tuple[str, ...] = ()  # with --before: the old tests that should have seen it (besides
+    #                               those of `tests` that already existed there)
 
 
 M = Mutation
+T = "tests/"
 MUTATIONS: list[Mutation] = [
-    # --- resume ---------------------------------------------------------------------------
+    # --- resume -------------------------------------------------------------------------------
     M("resume/train_time_reset", "harness/trainer.py",
       "self.state = RunState(**saved)", 'self.state = RunState(**{**saved, "train_time_ms": 0.0})',
-      ("tests/test_resume_state.py",), "train_time_ms restarts from 0 on resume"),
+      (T + "test_resume_state.py",), "train_time_ms restarts from 0 on resume",
+      before=(T + "test_checkpoint_unit.py", T + "test_checkpoint_resume.py")),
+    M("resume/val_step_reset", "harness/trainer.py",
+      "self.state = RunState(**saved)", 'self.state = RunState(**{**saved, "val_step": -1})',
+      (T + "test_resume_state.py",), "a resumed run forgets it validated at the resume step (validates again)",
+      before=(T + "test_checkpoint_unit.py", T + "test_checkpoint_resume.py")),
+    # --- monitor ------------------------------------------------------------------------------
+    M("monitor/best_is_last", "harness/runs.py",
+      "best = min(finite, key=lambda r: r.val_loss)", "best = finite[-1]",
+      (T + "test_monitor_runs.py::test_best_is_the_lowest_validation_not_the_last",),
+      '"best" validation is the last one', before=(T + "test_monitor_runs.py", T + "test_runlog_synthetic.py")),
+    M("monitor/nan_val_not_diverged", "harness/runs.py",
+      "for v in (last_train, last_val)", "for v in (last_train,)",
+      (T + "test_monitor_runs.py::test_best_is_the_lowest_validation_not_the_last",),
+      "a log whose last validation is NaN (no status line) shows as running, not diverged",
+      before=(T + "test_monitor_runs.py", T + "test_runlog_synthetic.py")),
+    # --- spectral metrics ---------------------------------------------------------------------
+    M("spectral/cond_cutoff_moved", "harness/spectral.py",
+      "kept = torch.where(s > rtol * s1", "kept = torch.where(s > 1e3 * rtol * s1",
+      (T + "test_spectral_metrics.py::test_condition_number_cutoff_is_pinned",),
+      "the condition number's null-direction cutoff 1000x higher",
+      before=(T + "test_spectral_metrics.py", T + "test_diagnostics_instrument.py")),
+    M("spectral/rtol_min_dim", "harness/spectral.py",
+      "return max(shape[-2:]) * torch.finfo(dtype).eps", "return min(shape[-2:]) * torch.finfo(dtype).eps",
+      (T + "test_spectral_metrics.py::test_condition_number_cutoff_is_pinned",),
+      "rank tolerance min(m, n) eps instead of numpy's max(m, n) eps",
+      before=(T + "test_spectral_metrics.py", T + "test_diagnostics_instrument.py")),
+    # --- triton -------------------------------------------------------------------------------
+    M("triton/fp32_uses_tf32", "kernels/triton_kernels.py", 'return "ieee"', 'return "tf32"',
+      (T + "test_kernels_triton.py::test_float32_input_precision_follows_torch_tf32_setting",
+       T + "test_kernels_triton.py::test_cuda_float32_does_not_silently_use_tf32"),
+      "float32 inputs silently rounded to TF32 (numerically: the CUDA test)", before=(T + "test_kernels_triton.py",)),
+    M("triton/tf32_setting_ignored", "kernels/triton_kernels.py",
+      "if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:", "if dtype == torch.float32:",
+      (T + "test_kernels_triton.py::test_float32_input_precision_follows_torch_tf32_setting",),
+      "float32 never uses TF32 even where torch allows it (slow path)", before=(T + "test_kernels_triton.py",)),
+    # --- tautologies, now independent computations ---------------------------------------------
+    M("taut/orthogonalize_cpu_bf16", "kernels/newton_schulz.py",
+      'return torch.bfloat16 if device.type == "cuda" else torch.float32', "return torch.bfloat16",
+      (T + "test_kernels_orthogonalize.py::test_env_override",), "the CPU default working dtype becomes bfloat16"),
+    M("taut/corpus_split_by_position", "data/prepare_corpus.py",
+      "key=lambda i: _val_rank(names[i])", "key=lambda i: i",
+      (T + "test_data_corpus.py::test_split_takes_just_enough_documents",),
+      "validation documents by position instead of by hash of the name"),
+    M("taut/zero_gradient_transformed", "harness/spectral.py",
+      "live = s > default_rtol(M.shape, s.dtype) * s[..., :1]", "live = s >= default_rtol(M.shape, s.dtype) * s[..., :1]",
+      (T + "test_experiments_run.py::test_rank_manipulation",),
+      "reshape_spectrum turns a zero gradient into a non-zero one (orthonormal/equalized)",
+      before=(T + "test_spectral_metrics.py",)),
+    M("taut/embedding_on_muon", "harness/optim.py", 'if role == "muon":', 'if role in ("muon", "embed"):',
+      (T + "test_train.py::test_config_line_has_tag_and_assignment",), "Muon takes the embedding too"),
+    M("taut/rank_ratio_vs_raw_grad", "harness/diagnostics.py",
+      'ns_in_sv = sv["mom"] if', 'ns_in_sv = sv["grad"] if',
+      (T + "test_diagnostics_instrument.py::test_muon_metrics_match_an_independent_computation",),
+      "rank_ratio taken against the raw gradient, not the NS input"),
+    # --- report, Slurm, CLI messages -----------------------------------------------------------
+    M("report/rank_verdict_inverted", "experiments/report.py",
+      "{'yes' if moved else 'no'}", "{'yes' if not moved else 'no'}",
+      (T + "test_report.py::test_summary_verdicts_follow_the_numbers",),
+      "(1) answers yes when the ranks did not move", before=(T + "test_report.py::test_every_section_and_summary_row",)),
+    M("report/ord_no_when_one_hurt", "experiments/report.py",
+      "elif hurt and len(hurt) == len(adds):", "elif hurt:",
+      (T + "test_report.py::test_summary_verdicts_follow_the_numbers",),
+      'ORD "no" when any add-back hurt (not all)', before=(T + "test_report.py::test_every_section_and_summary_row",)),
+    M("slurm/cd_unquoted", "harness/sweep_slurm.py",
+      "f\"cd {shlex.quote(str(repo_root))}\"", "f\"cd {repo_root}\"",
+      (T + "test_sweep_slurm.py::test_sbatch_script_one_cpu_node_and_multi_node_gpus",),
+      "the job script's cd is not shell-quoted (breaks the first script only)"),
+    M("slurm/signal_at_zero", "harness/sweep_slurm.py", "if opts.signal_s > 0:", "if opts.signal_s >= 0:",
+      (T + "test_sweep_slurm.py::test_sbatch_script_one_cpu_node_and_multi_node_gpus",),
+      "--signal=B:TERM@0 written when no warning was asked for"),
+    M("cli/monitor_watch_no_value", "monitor_runs.py",
+      'f"--watch {args.watch}: the refresh interval must be > 0 seconds"', '"the refresh interval must be > 0 seconds"',
+      (T + "test_monitor_runs.py::test_bad_arguments_are_one_line_errors",),
+      "the error no longer names the option and value"),
+    M("cli/plot_baseline_no_allowed", "plot_loss.py",
+      "no such group (groups by {group_by}: {', '.join(sorted(groups))})", "no such group",
+      (T + "test_plot_loss.py::test_cli_errors",), "the error no longer lists the groups allowed"),
+    M("cli/corpus_missing_no_path", "data/prepare_corpus.py",
+      'f"{root}: input file or directory does not exist"', '"input file or directory does not exist"',
+      (T + "test_data_corpus.py::test_errors",), "the error no longer names the missing path"),
 ]
 
 
@@ -73,10 +156,17 @@ def use_tests_of(root: Path, rev: str) -> None:
     subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
 
 
-def tests_before(root: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
-    """The targeted test files that exist in the (old) tests/ of the copy, whole."""
-    files = dict.fromkeys(t.split("::")[0] for t in tests)
-    return tuple(f for f in files if (root / f).is_file())
+def tests_before(root: Path, m: Mutation) -> tuple[str, ...]:
+    """The targeted tests that exist in the (old) tests/ of the copy, plus m.before."""
+    out = []
+    for t in m.tests + m.before:
+        path = root / t.split("::")[0]
+        if not path.is_file():
+            continue
+        if "::" in t and f"def {t.split('::')[1].split('[')[0]}(" not in path.read_text():
+            continue  # a test added since
+        out.append(t)
+    return tuple(dict.fromkeys(out))
 
 
 def apply(root: Path, m: Mutation) -> None:
@@ -121,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_repo(clean)
         if args.before:
             use_tests_of(clean, args.before)
-        targets = {m.name: tests_before(clean, m.tests) if args.before else m.tests for m in chosen}
+        targets = {m.name: tests_before(clean, m) if args.before else m.tests for m in chosen}
         if args.baseline:
             for tests in dict.fromkeys(targets[m.name] for m in chosen if not m.cuda_only and targets[m.name]):
                 rc, tail = run_tests(clean, tests, args.timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -97,6 +98,14 @@ def test_best_is_the_lowest_validation_not_the_last(tmp_path):
     r = run_cli(d, "--once")  # the table shows it too
     assert r.returncode == 0, r.stderr
     assert f"{vals[20]:.4f} @20" in r.stdout
+    # a run whose last validation is NaN, with no status line yet (the trainer died writing it):
+    # diverged, and its best is still the lowest finite validation
+    nv = write_run(d, "nv", total=40, stop_at=30, status=None, val_add={30: float("nan")})
+    assert math.isnan(nv["vals"][30])
+    r = run_cli(d, "--once", "--format", "json")
+    run = {x["run_id"]: x for x in json.loads(r.stdout)["runs"]}["nv"]
+    assert run["status"] == "diverged" and run["val_step"] == 30 and run["val_loss"] == "nan"
+    assert run["best_val_step"] == 20 and run["best_val_loss"] == pytest.approx(nv["vals"][20], abs=5e-5)
 
 
 def test_csv_filter_and_table(logs):
