@@ -57,8 +57,10 @@ class StopRequest:
 
 # A test hook, off by default: HARNESS_TEST_HOLD="N:PATH" makes the run wait after logging
 # training step N until PATH exists or a stop is requested (SIGTERM), so signal tests can act
-# on a run that is provably mid-run instead of racing a short one. Documented in tests/.
+# on a run that is provably mid-run instead of racing a short one (tests/test_sweep_local.py).
+# A run left holding by a failed test gives up after HOLD_MAX_S and goes on.
 HOLD_VAR = "HARNESS_TEST_HOLD"
+HOLD_MAX_S = 600.0
 
 
 def hold_for_test(step: int, stop: StopRequest, poll_s: float = 0.02) -> None:
@@ -68,5 +70,6 @@ def hold_for_test(step: int, stop: StopRequest, poll_s: float = 0.02) -> None:
     at, _, path = spec.partition(":")
     if step != int(at):
         return
-    while not stop.requested and not os.path.exists(path):
+    end = time.monotonic() + HOLD_MAX_S
+    while not stop.requested and not os.path.exists(path) and time.monotonic() < end:
         time.sleep(poll_s)

@@ -220,6 +220,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
         release.touch()  # the other run goes through
         out, _ = launcher.communicate(timeout=300)
     finally:
+        release.touch()  # never leave a run holding
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 1, out
@@ -331,7 +332,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     """SIGTERM to the launcher (what Slurm sends it) reaches the run: the trainer checkpoints and
     writes status:preempted; --resume continues that run id with --resume latest, same log."""
     logs = tmp_path / "logs"
-    env, _ = held_env(tmp_path, 2)  # the run holds after step 2 until SIGTERM reaches it
+    env, release = held_env(tmp_path, 2)  # the run holds after step 2 until SIGTERM reaches it
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
                                  "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -340,6 +341,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
         launcher.send_signal(signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
     finally:
+        release.touch()  # never leave a run holding
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 130, out
