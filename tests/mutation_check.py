@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,11 @@ class Mutation:
 
 M = Mutation
 T = "tests/"
+# the old monitor tests, less the --watch ones (a pty and a live refresh: slow on a busy machine,
+# and not about these numbers)
+MONITOR_BEFORE = tuple(f"{T}test_monitor_runs.py::{t}" for t in (
+    "test_once_json_fields_match_the_logs", "test_csv_filter_and_table", "test_fixtures_table_json",
+    "test_sweep_manifest", "test_refresh_is_incremental")) + (T + "test_runlog_synthetic.py",)
 MUTATIONS: list[Mutation] = [
     # --- resume -------------------------------------------------------------------------------
     M("resume/train_time_reset", "harness/trainer.py",
@@ -60,12 +66,12 @@ MUTATIONS: list[Mutation] = [
     M("monitor/best_is_last", "harness/runs.py",
       "best = min(finite, key=lambda r: r.val_loss)", "best = finite[-1]",
       (T + "test_monitor_runs.py::test_best_is_the_lowest_validation_not_the_last",),
-      '"best" validation is the last one', before=(T + "test_monitor_runs.py", T + "test_runlog_synthetic.py")),
+      '"best" validation is the last one', before=MONITOR_BEFORE),
     M("monitor/nan_val_not_diverged", "harness/runs.py",
       "for v in (last_train, last_val)", "for v in (last_train,)",
       (T + "test_monitor_runs.py::test_best_is_the_lowest_validation_not_the_last",),
       "a log whose last validation is NaN (no status line) shows as running, not diverged",
-      before=(T + "test_monitor_runs.py", T + "test_runlog_synthetic.py")),
+      before=MONITOR_BEFORE),
     # --- spectral metrics ---------------------------------------------------------------------
     M("spectral/cond_cutoff_moved", "harness/spectral.py",
       "kept = torch.where(s > rtol * s1", "kept = torch.where(s > 1e3 * rtol * s1",
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--before", metavar="REV", help="run against the tests/ of commit REV instead")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the scratch directory is removed
     chosen = [m for m in MUTATIONS if not args.names or any(n in m.name for n in args.names)]
     if not chosen:
         print(f"error: no mutation matches {args.names}", file=sys.stderr)
