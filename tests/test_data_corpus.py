@@ -120,9 +120,32 @@ def test_val_tokens_and_max_files(tmp_path):
 
 
 def test_split_takes_just_enough_documents():
-    is_val = split_train_val([10, 10, 10, 10], ["a", "b", "c", "d"], 15)
-    assert sum(is_val) == 2
-    assert split_train_val([10, 10], ["a", "b"], 15) == split_train_val([10, 10], ["a", "b"], 15)
+    """Validation documents are taken in SHA-1-of-name order (computed here with hashlib) until
+    their tokens reach the target: the split of a file depends on its name, not on its position,
+    so adding files elsewhere does not move it."""
+    import hashlib
+
+    def expected(lengths, names, target):
+        val, got = set(), 0
+        for n in sorted(names, key=lambda n: hashlib.sha1(n.encode()).digest()):
+            if got >= target:
+                break
+            val.add(n)
+            got += lengths[names.index(n)]
+        return [n in val for n in names]
+
+    names = ["a", "b", "c", "d"]  # SHA-1 order: d, c, a, b
+    is_val = split_train_val([10, 10, 10, 10], names, 15)
+    assert sum(is_val) == 2 and is_val == expected([10, 10, 10, 10], names, 15) == [False, False, True, True]
+    lengths = [3, 40, 5, 7, 1]
+    names = ["x.py", "y.py", "z.py", "w.py", "v.py"]  # SHA-1 order: z, v, y, x, w
+    assert split_train_val(lengths, names, 6) == expected(lengths, names, 6) == [False, False, True, False, True]
+    assert split_train_val(lengths, names, 7) == expected(lengths, names, 7) == [False, True, True, False, True]
+    # the same names in another order: the same documents are validation
+    perm = [4, 2, 0, 3, 1]
+    assert split_train_val([lengths[i] for i in perm], [names[i] for i in perm], 7) == [
+        split_train_val(lengths, names, 7)[i] for i in perm]
+    assert split_train_val([10, 10], ["a", "b"], 0) == [False, False]
 
 
 def test_errors(tmp_path):
@@ -138,7 +161,7 @@ def test_errors(tmp_path):
     with pytest.raises(UserError, match="--val-fraction 1.5"):
         prepare_corpus([tmp_path / "one"], tmp_path / "o", val_fraction=1.5, progress=False)
     r = _run_cli(tmp_path / "missing", "--out", tmp_path / "o")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'missing'}: input file or directory does not exist\n"
 
 
 def test_ext_option(tmp_path):

@@ -78,13 +78,30 @@ def test_muon_metrics_match_an_independent_computation(tmp_path):
         eff = sp.ns_effect(G, O)
         assert m["ns_angle_deg"] == pytest.approx(eff.angle_deg.item(), rel=1e-4)
         assert m["ns_rel_loss_scaled"] == pytest.approx(eff.rel_loss_scaled.item(), rel=1e-4)
-        assert m["rank_ratio"] == pytest.approx(m["eff_rank_ns"] / m["eff_rank_mom"], rel=1e-6)
+        assert m["rank_ratio"] == pytest.approx(sp.effective_rank(O).item() / sp.effective_rank(G).item(), rel=1e-4)
         assert m["align_wdw"] == pytest.approx(sp.subspace_alignment(W0, W1 - W0, 4).item(), rel=1e-4)
         assert m["w_entropy"] == pytest.approx(sp.spectral_entropy(W0).item(), rel=1e-4)
         assert m["w_smax"] == pytest.approx(sp.singular_values(W0)[0].item(), rel=1e-5)
         assert m["dw_fro"] == pytest.approx((W1 - W0).norm().item(), rel=1e-4)
         # orthogonalization raises the effective rank of these low-rank gradients
         assert m["eff_rank_ns"] > m["eff_rank_mom"] and m["rank_ratio"] > 1
+    # a second step: now the momentum gradient is no longer a multiple of the raw one, so the
+    # rank ratio must be taken against G (the NS input), not the raw gradient
+    grads2, _ = one_step(model, opt, diag, step=1)
+    records2 = {layer: m for s, layer, m in diag.take_records() if s == 1}
+    assert set(records2) == set(refs)
+    for name, r in refs.items():
+        m = records2[name]
+        pname = next(n for n, p in model.named_parameters() if p is r.param)
+        sl = lambda t, r=r: t.view(-1, *r.shape)[r.index]  # noqa: E731
+        g1, g2 = sl(grads[pname]), sl(grads2[pname])
+        buf = (g1 * 0.1).lerp(g2, 0.1)  # momentum 0.9: buf_t = buf_{t-1}.lerp(g_t, 1 - mu)
+        G2 = g2.lerp(buf, 0.9)
+        assert m["eff_rank"] == pytest.approx(sp.effective_rank(g2).item(), rel=1e-4)
+        assert m["eff_rank_mom"] == pytest.approx(sp.effective_rank(G2).item(), rel=1e-4)
+        assert abs(m["eff_rank_mom"] - m["eff_rank"]) > 1e-3  # the case this step is here for
+        assert m["rank_ratio"] == pytest.approx(sp.effective_rank(orthogonalize(G2)).item()
+                                                / sp.effective_rank(G2).item(), rel=1e-4)
 
 
 def test_diagnostics_do_not_change_the_step(tmp_path):

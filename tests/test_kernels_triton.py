@@ -181,6 +181,58 @@ def test_cuda_kernels_match_torch(shape, dtype, tol):
     assert ((B.float() - refB).norm() / refB.norm()).item() < tol
 
 
+@pytest.fixture
+def set_tf32():
+    """Set torch.backends.cuda.matmul.allow_tf32 (a property of torch's cuBLAS module, which
+    monkeypatch cannot restore) for one test, and put the old value back."""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_float32_input_precision_follows_torch_tf32_setting(set_tf32):
+    """CPU twin of the CUDA check below: float32 uses TF32 only where torch allows it for its
+    own matmuls (torch.backends.cuda.matmul.allow_tf32, False by default); 16-bit inputs have
+    no IEEE float32 path to lose."""
+    from kernels import triton_kernels as tk
+
+    set_tf32(False)
+    assert tk._input_precision(torch.float32) == "ieee"
+    assert tk._input_precision(torch.bfloat16) == tk._input_precision(torch.float16) == "tf32"
+    set_tf32(True)
+    assert tk._input_precision(torch.float32) == "tf32"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(768, 768), (2, 256, 1024)])
+def test_cuda_float32_does_not_silently_use_tf32(shape, set_tf32):
+    """With TF32 off (torch's default), the float32 kernels match a float64 reference to float32
+    accuracy (~1e-7 relative here). TF32 rounds the inputs to a 10-bit mantissa (2^-11 = 4.9e-4
+    relative per input): errors ~1e-4, which the 1e-5 bound rejects. The reference is float64,
+    so it cannot itself drift to TF32 (a float32 torch reference would, under
+    set_float32_matmul_precision("high"), and then agree with a TF32 kernel)."""
+    from kernels import triton_kernels as tk
+
+    set_tf32(False)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    X = torch.randn(*shape, device="cuda", generator=gen)
+    X = X / X.norm(dim=(-2, -1), keepdim=True)
+    A = tk.xxt(X)
+    assert A.dtype == torch.float32
+    assert rel(A, X.double() @ X.double().mT) < 1e-5
+    A64 = A.double()
+    B = tk.ba_plus_caa(A, -2.0, 0.5)
+    assert rel(B, -2.0 * A64 + 0.5 * (A64 @ A64)) < 1e-5
+    # the bound can see TF32: with TF32 allowed, the same kernel is far less accurate
+    set_tf32(True)
+    assert rel(tk.xxt(X), X.double() @ X.double().mT) > 2e-5
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["polar_express", "quintic"])
 @pytest.mark.parametrize("shape", [(768, 768), (3072, 768), (4, 768, 3072)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,34 @@ def test_once_json_fields_match_the_logs(logs):
     assert comp["ord"]["delta"] == pytest.approx(ordm - base, abs=2e-4) and comp["baseline"]["delta"] == 0.0
 
 
+def test_best_is_the_lowest_validation_not_the_last(tmp_path):
+    """A run whose loss rose at its last two validations (a late LR spike): "best" is the minimum
+    over the finite validations, with its step, while "val" stays the last one."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    exp = write_run(d, "up", tag="spike", total=40, val_add={30: 0.30, 40: 0.20})
+    vals = exp["vals"]  # {0: 10.78, 10: ..., 20: ..., 30: ..., 40: ...}, rounded as logged
+    best_step = min(vals, key=vals.get)
+    assert best_step == 20 and vals[40] > vals[20]  # the fixture is what this test is about
+    r = run_cli(d, "--once", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["best_val_step"] == 20 and run["best_val_loss"] == pytest.approx(vals[20], abs=5e-5)
+    assert run["val_step"] == 40 and run["val_loss"] == pytest.approx(vals[40], abs=5e-5)
+    assert run["final_val_loss"] == pytest.approx(vals[40], abs=5e-5)
+    r = run_cli(d, "--once")  # the table shows it too
+    assert r.returncode == 0, r.stderr
+    assert f"{vals[20]:.4f} @20" in r.stdout
+    # a run whose last validation is NaN, with no status line yet (the trainer died writing it):
+    # diverged, and its best is still the lowest finite validation
+    nv = write_run(d, "nv", total=40, stop_at=30, status=None, val_add={30: float("nan")})
+    assert math.isnan(nv["vals"][30])
+    r = run_cli(d, "--once", "--format", "json")
+    run = {x["run_id"]: x for x in json.loads(r.stdout)["runs"]}["nv"]
+    assert run["status"] == "diverged" and run["val_step"] == 30 and run["val_loss"] == "nan"
+    assert run["best_val_step"] == 20 and run["best_val_loss"] == pytest.approx(nv["vals"][20], abs=5e-5)
+
+
 def test_csv_filter_and_table(logs):
     d, _ = logs
     r = run_cli(d, "--format", "csv", "--filter", "BASE")
@@ -117,9 +146,16 @@ def test_sweep_manifest(logs):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for args in ([tmp_path / "missing"], [tmp_path, "--watch", "0"], [tmp_path, "--watch", "1", "--format", "json"]):
+    """Each error names what was wrong (the value or path given) and what is allowed."""
+    for args, message in (
+        ([tmp_path / "missing"], f"error: {tmp_path / 'missing'}: no such log file or directory"),
+        ([tmp_path, "--watch", "0"], "error: --watch 0.0: the refresh interval must be > 0 seconds"),
+        ([tmp_path, "--watch", "-2"], "error: --watch -2.0: the refresh interval must be > 0 seconds"),
+        ([tmp_path, "--watch", "1", "--format", "json"],
+         "error: --watch shows the live table; --once/--format json|csv print once (choose one)"),
+    ):
         r = run_cli(*args)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
 
 
 def test_refresh_is_incremental(tmp_path):

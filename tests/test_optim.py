@@ -8,123 +8,23 @@ import torch
 
 from harness import dist as hdist
 from harness.config import load_config
-from harness.model import GPT, ModelShape
-from harness.optim import MatrixRef, MuonRule, Optimizers, ShardedMuon, adam_settings, muon_update, ord_split
+from harness.optim import MatrixRef, MuonRule, Optimizers, ShardedMuon, muon_update, ord_split
 from kernels import orthogonalize
+from optim_reference import FLAG_SETS, accumulate, micro_grads, run_against_reference, small_model
 
 WORLD1 = hdist.DistInfo(0, 1, 0, torch.device("cpu"), None)
-SMALL = ["--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--seq_len", "32", "--vocab_size", "128",
-         "--batch_sizes", "64,64,64,64", "--device_batch_tokens", "64"]
-
-
-def small_model(*flags):
-    cfg = load_config(SMALL + list(flags), env={})
-    torch.manual_seed(0)
-    model = GPT(ModelShape.from_config(cfg))
-    # zero-initialised projections would make the first Muon steps trivial: start from noise
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return cfg, model
 
 
 def random_grads(model, seed):
     """Accumulate a random gradient, as backward does (Adam's may be kept from the last step)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        new = torch.randn(p.shape, generator=g) * 0.1
-        p.grad = new if p.grad is None else p.grad + new
+    accumulate(model, micro_grads(model, seed, [0]))
 
 
-def reference_muon_matrix(W, g, state, *, lr, momentum, cfg, role, ns_dtype=torch.float32):
-    """A plain single-matrix implementation of the documented update (REFERENCE.md, the fork's rules)."""
-    buf = state.setdefault("buf", torch.zeros_like(W))
-    buf.mul_(momentum).add_(g, alpha=1 - momentum)
-    G = g * (1 - momentum) + buf * momentum
-    O = orthogonalize(G, method=cfg.ns_method, steps=cfg.ns_steps, dtype=ns_dtype).float()
-    m, n = W.shape
-    if cfg.normuon:
-        v = (O**2).mean(dim=1, keepdim=True) if m >= n else (O**2).mean(dim=0, keepdim=True)
-        sm = state.setdefault("sm", torch.zeros_like(v))
-        sm.add_((v - sm) * (1 - cfg.normuon_beta2))
-        O2 = O / sm.clamp_min(1e-10).sqrt()
-        O = O2 * (O.norm() / O2.norm())
-    # the fork's factor on its stored layout: MLP matrices tall, the output projection 2x more
-    shape_factor = math.sqrt(max(m, n) / min(m, n)) if role.startswith("mlp") else 1.0
-    lr_eff = lr * shape_factor * (cfg.muon_lr_mul_mlp_proj if role == "mlp_proj" else 1.0)
-    ties = torch.zeros_like(W, dtype=torch.bool)
-    if cfg.muon_wd:
-        mask = (O * W >= 0).float() if cfg.cautious_wd else 1.0
-        if cfg.cautious_wd:
-            # where O*W is within rounding of 0 the cautious mask may flip between implementations
-            ties = (O * W).abs() < 1e-5 * (O * W).abs().max()
-        W -= lr_eff * (cfg.muon_wd * lr) * W * mask  # decay proportional to the LR squared
-    W -= lr_eff * O
-    return ties
-
-
-def reference_adam(p, g, state, *, lr, beta1, beta2, eps, wd):
-    """The fork's Adam, written out: eps on sqrt(v) before the bias correction, cautious lr^2 decay."""
-    t = state["t"] = state.get("t", 0) + 1
-    m = state["m"] = state.get("m", torch.zeros_like(p)) * beta1 + (1 - beta1) * g
-    v = state["v"] = state.get("v", torch.zeros_like(p)) * beta2 + (1 - beta2) * g * g
-    u = m / (v.sqrt() + eps) * (lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
-    u = u + p * ((u * p) > 0) * (lr * lr * wd)
-    p -= u
-
-
-def matrix_role(name: str, i: int | None) -> str:
-    if ".mlp." in name:
-        return "mlp_fc" if ".fc." in name else "mlp_proj"
-    return "attn_o" if i is None else "attn_" + "qkv"[i]
-
-
-@pytest.mark.parametrize("flags", [[], ["--muon_wd", "0.5", "--cautious_wd"], ["--normuon", "0", "--ns_method", "quintic"],
-                                   ["--adam_every", "2", "--adam_wd", "0.3", "--adam_overrides", ""]])
+@pytest.mark.parametrize("flags", list(FLAG_SETS), ids=list(FLAG_SETS))
 def test_sharded_optimizer_matches_single_tensor_reference(flags):
-    cfg, model = small_model(*flags)
-    ref_model = copy.deepcopy(model)
-    opt = Optimizers(model, cfg, WORLD1)
-    labels = {s.name: s.label for s in ref_model.param_specs()}
-    settings = adam_settings(cfg)
-    states = {}
-    pending = {}
-    for step, (lr_mul, mu) in enumerate([(1.0, 0.85), (0.7, 0.9), (0.3, 0.95), (0.5, 0.95)]):
-        ties = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in ref_model.named_parameters()}
-        random_grads(model, step)
-        random_grads(ref_model, step)
-        opt.step(step, lr_mul, mu)
-        opt.zero_grad()
-        adam_due = cfg.adam_every == 1 or step % 2 == 1
-        with torch.no_grad():
-            for name, p in ref_model.named_parameters():
-                if labels[name] not in ("attn", "mlp"):
-                    # Adam: gradients of the steps since its last update, summed
-                    pending[name] = p.grad.clone()  # the sum so far, as backward accumulated it
-                    if adam_due:
-                        p.grad = None
-                        st = settings[labels[name]]
-                        reference_adam(p, pending.pop(name), states.setdefault(name, {}), lr=cfg.adam_lr * lr_mul * st.lr_mul,
-                                       beta1=st.beta1, beta2=st.beta2, eps=cfg.adam_eps, wd=cfg.adam_wd * st.wd_mul)
-                    continue
-                mats = [p] if p.ndim == 2 else list(p)
-                gs = [p.grad] if p.ndim == 2 else list(p.grad)
-                for i, (W, g) in enumerate(zip(mats, gs)):
-                    tie = reference_muon_matrix(W, g, states.setdefault((name, i), {}), lr=cfg.muon_lr * lr_mul,
-                                                momentum=mu, cfg=cfg, role=matrix_role(name, None if p.ndim == 2 else i))
-                    if p.ndim == 2:
-                        ties[name] |= tie
-                    else:
-                        ties[name][i] |= tie
-                p.grad = None
-        for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
-            assert ties[name].float().mean() < 0.002  # a handful of elements at most this step
-            with torch.no_grad():
-                q[ties[name]] = p[ties[name]]  # once flipped, an element's history differs: align it
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {name}: {m}")
-        if cfg.adam_every == 2 and step == 0:
-            # Adam waited: its parameters have not moved, and their gradients were kept
-            assert torch.equal(model.embed.weight, ref_model.embed.weight) and model.embed.weight.grad is not None
+    """Weights, the returned gradient norm and the whole optimizer state after each of 4 steps
+    (at 2 and 3 gloo ranks: test_optim_world.py)."""
+    run_against_reference(FLAG_SETS[flags], WORLD1)
 
 
 def test_stacks_are_orthogonalized_per_matrix():

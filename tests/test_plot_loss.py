@@ -146,7 +146,14 @@ def test_partial_logs_only(tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    for args in ([str(tmp_path / "none")], [str(FIXTURES), "--last", "0"], [str(FIXTURES), "--baseline", "zzz"]):
+    """One line each, naming the value or path given and what is allowed."""
+    groups = sorted(p.stem for p in FIXTURES.glob("*.txt"))  # modded logs group by file name
+    for args, message in (
+        ([str(tmp_path / "none")], f"error: {tmp_path / 'none'}: no such log file or directory"),
+        ([str(FIXTURES), "--last", "0"], "error: --last 0: must be a positive number of steps"),
+        ([str(FIXTURES), "--baseline", "zzz"],
+         f"error: --baseline zzz: no such group (groups by tag: {', '.join(groups)})"),
+    ):
         r = subprocess.run([sys.executable, str(ROOT / "plot_loss.py"), *args, "--out", str(tmp_path / "o")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr

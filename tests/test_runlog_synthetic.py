@@ -51,6 +51,7 @@ def write_run(
     extra_config: dict | None = None,
     step_ms: float = 100.0,
     nan_at: int | None = None,
+    val_add: dict[int, float] | None = None,
 ) -> dict:
     """Write a run log with the real writer. Returns what the test should find in it."""
     w = RunLogWriter(Path(log_dir) / f"{run_id}.txt", run_id, echo=False)
@@ -73,7 +74,7 @@ def write_run(
             loss = float("nan") if nan_at is not None and s >= nan_at else val_curve(s, total, seed, offset) + 0.05
             w.step(s, total, train_time_ms=t, step_avg_ms=step_ms, train_loss=loss, **sched)
         if s % val_every == 0 or s == total:
-            v = val_curve(s, total, seed, offset)
+            v = val_curve(s, total, seed, offset) + (val_add or {}).get(s, 0.0)  # val_add: a late rise
             vals[s] = round(v, 4)
             w.step(s, total, val_loss=v, train_time_ms=t, step_avg_ms=step_ms if s else 0.0, **sched)
             for i, layer in enumerate(layers):

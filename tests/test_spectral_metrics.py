@@ -59,6 +59,30 @@ def test_condition_number_ignores_null_directions():
     assert sp.condition_number(torch.eye(3) * 2).item() == pytest.approx(1.0)
 
 
+def test_condition_number_cutoff_is_pinned():
+    """The cutoff below which a singular value counts as null: numpy.linalg.matrix_rank's
+    max(m, n) * eps relative to σ_1 for a matrix, r * eps for a vector of σ. Diagonal float32
+    matrices have exact σ, placed on either side of the cutoff (40 x 3: 40 eps = 4.77e-6, while
+    3 eps would be 3.6e-7), so the answer changes if the cutoff moves."""
+    eps = torch.finfo(torch.float32).eps
+    assert sp.default_rtol((40, 3), torch.float32) == 40 * eps
+
+    def diag(*s):
+        M = torch.zeros(40, 3)
+        M[range(len(s)), range(len(s))] = torch.tensor(s)
+        return M
+
+    assert sp.condition_number(diag(1.0, 1e-5, 0.5)).item() == pytest.approx(1e5, rel=1e-4)  # 1e-5 > 40 eps: kept
+    assert sp.condition_number(diag(1.0, 1e-6, 0.5)).item() == pytest.approx(2.0, rel=1e-6)  # 1e-6 < 40 eps: null
+    assert sp.condition_number(diag(1.0, 1e-6, 0.5).T).item() == pytest.approx(2.0, rel=1e-6)  # same for the wide one
+    assert sp.condition_number(diag(1.0, 1e-6, 0.5), rtol=1e-7).item() == pytest.approx(1e6, rel=1e-4)
+    # from σ directly: r * eps with r = 3 (3.6e-7)
+    s = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    assert sp.condition_number_sv(s(1.0, 0.5, 5e-7)).item() == pytest.approx(2e6, rel=1e-4)
+    assert sp.condition_number_sv(s(1.0, 0.5, 2e-7)).item() == pytest.approx(2.0, rel=1e-6)
+    assert sp.spectrum_summary(s(1.0, 0.5, 5e-7))["cond"].item() == pytest.approx(2e6, rel=1e-4)
+
+
 def test_spectral_entropy_equal_and_rank_one_and_known():
     assert sp.spectral_entropy(torch.eye(6) * 3).item() == pytest.approx(1.0, rel=1e-6)
     assert sp.spectral_entropy(torch.ones(5, 4)).item() == pytest.approx(0.0, abs=1e-6)

@@ -30,14 +30,19 @@ def _rec(nproc: int) -> RunRecord:
 
 
 def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
-    text = sbatch_script(_rec(1), ["--run_id", "x y"], SlurmOptions(partition="cpu", time="00:30:00", gpus_per_node=0),
-                         Path("/repo"), tmp_path / "o.%j.out", python="/venv/bin/python")
+    # a repository path that only survives the shell quoted
+    one = text = sbatch_script(_rec(1), ["--run_id", "x y"],
+                               SlurmOptions(partition="cpu", time="00:30:00", gpus_per_node=0),
+                               Path("/work/it's here"), tmp_path / "o.%j.out", python="/venv/bin/python")
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     assert "#SBATCH --partition=cpu" in lines and "#SBATCH --time=00:30:00" in lines and "#SBATCH --nodes=1" in lines
     assert "#SBATCH --signal=B:TERM@120" in lines and f"#SBATCH --output={tmp_path}/o.%j.out" in lines
     assert not any("gpus" in l for l in lines)  # CPU nodes: no GPU request
-    assert "cd /repo" in lines and lines[-1] == "exec /venv/bin/python train_gpt.py --run_id 'x y'"
+    assert "cd '/work/it'\"'\"'s here'" in lines and lines[-1] == "exec /venv/bin/python train_gpt.py --run_id 'x y'"
+    # no --signal without a time limit to signal before; none when asked for 0 s
+    assert "--signal" not in sbatch_script(_rec(1), [], SlurmOptions(time="00:30:00", signal_s=0), Path("/r"),
+                                           tmp_path / "o.out", python="/venv/bin/python")
 
     text = sbatch_script(_rec(8), ["--tag", "t"], SlurmOptions(nodes=2, extra=["--qos=high"]), Path("/repo"),
                          tmp_path / "o.out", python="/venv/bin/python")
@@ -49,8 +54,13 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
     assert ('--nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint="$head:$port" '
             '--rdzv-id="$SLURM_JOB_ID" train_gpt.py --tag t') in last
     # a bash syntax check of both scripts
-    for script in (text,):
+    for script in (one, text):
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # and the first one's cd, run by bash, lands in that directory
+    (tmp_path / "it's here").mkdir()
+    cd_line = next(l for l in one.splitlines() if l.startswith("cd ")).replace("/work/it", f"{tmp_path}/it")
+    r = subprocess.run(["bash", "-c", f"{cd_line} && pwd"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"{tmp_path}/it's here", r.stderr
 
 
 @pytest.mark.parametrize("no_wait", [False, True], ids=["wait", "no-wait-then-resume"])

@@ -151,7 +151,32 @@ def test_config_line_has_tag_and_assignment(tmp_path, shards_dir):
     assert cfg["tag"] == "mytag" and cfg["seed"] == 3
     assert cfg["param_assignment"]["blocks.0.attn.qkv"] == "muon"
     assert cfg["param_assignment"]["lm_head.weight"] == "adam_lm_head"
-    json.dumps(cfg)
+    # the whole line against the configuration resolved here from the same arguments
+    from harness.config import Config, load_config
+    from harness.model import GPT, ModelShape
+    from train_utils import SMALL
+
+    argv = [*SMALL, "--log_dir", str(tmp_path / "logs"), "--train_files", str(shards_dir / "local_train_*.bin"),
+            "--val_files", str(shards_dir / "local_val_*.bin"), "--run_id", "run", "--tag", "mytag", "--seed", "3",
+            "--num_scheduled_iterations", "1", "--val_loss_every", "0"]
+    want = load_config(argv, overrides={"script": "train_gpt.py"}, prog="train_gpt.py").to_dict()
+    got = dict(cfg)
+    assignment, world = got.pop("param_assignment"), got.pop("world_size")
+    assert world == 1 and got == json.loads(json.dumps(want))
+    # every parameter of the model has exactly one optimizer; Muon only the hidden matrices,
+    # Adam groups named by the fork's labels
+    model = GPT(ModelShape.from_config(Config(**{k: v for k, v in got.items()})))
+    params = dict(model.named_parameters())
+    assert set(assignment) == set(params)
+    for name, p in params.items():
+        if name.startswith("embed."):
+            assert assignment[name] == "adam_embed", name
+        elif name.startswith("value_embeds."):
+            assert assignment[name] == "adam_value_embed", name
+        elif name.startswith("lm_head."):
+            assert assignment[name] == "adam_lm_head", name
+        else:
+            assert assignment[name] == ("muon" if p.ndim >= 2 else "adam_scalars"), name
 
 
 def test_compact_vocab_trains_on_renumbered_ids(tmp_path, shards_dir):
