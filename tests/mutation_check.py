@@ -47,6 +47,9 @@ class Mutation:
 
 M = Mutation
 T = "tests/"
+WORLD = T + "test_optim_world.py"
+OPTIM_REF = T + "test_optim.py::test_sharded_optimizer_matches_single_tensor_reference"
+PARITY = T + "test_fork_parity_optim.py"  # skipped (so: SURVIVED) where ../shared is absent
 # the old monitor tests, less the --watch ones (a pty and a live refresh: slow on a busy machine,
 # and not about these numbers)
 MONITOR_BEFORE = tuple(f"{T}test_monitor_runs.py::{t}" for t in (
@@ -105,12 +108,67 @@ MUTATIONS: list[Mutation] = [
       (T + "test_experiments_run.py::test_rank_manipulation",),
       "reshape_spectrum turns a zero gradient into a non-zero one (orthonormal/equalized)",
       before=(T + "test_spectral_metrics.py",)),
-    M("taut/embedding_on_muon", "harness/optim.py", 'if role == "muon":', 'if role in ("muon", "embed"):',
-      (T + "test_train.py::test_config_line_has_tag_and_assignment",), "Muon takes the embedding too"),
+    M("taut/value_embed_as_token_embed", "harness/model.py", 'specs.append(ParamSpec(name, "value_embed"))',
+      'specs.append(ParamSpec(name, "embed"))',
+      (T + "test_train.py::test_config_line_has_tag_and_assignment",),
+      "value embeddings get the token embedding's Adam group"),
     M("taut/rank_ratio_vs_raw_grad", "harness/diagnostics.py",
       'ns_in_sv = sv["mom"] if', 'ns_in_sv = sv["grad"] if',
       (T + "test_diagnostics_instrument.py::test_muon_metrics_match_an_independent_computation",),
       "rank_ratio taken against the raw gradient, not the NS input"),
+    # --- world size: averaging and sharding (tests/optim_reference.py at 2 and 3 gloo ranks) ----
+    M("dist/reduce_scatter_sum", "harness/dist.py",
+      "work = dist.reduce_scatter_tensor(out, inp.contiguous(), op=dist.ReduceOp.AVG, async_op=True)",
+      "work = dist.reduce_scatter_tensor(out, inp.contiguous(), op=dist.ReduceOp.SUM, async_op=True)",
+      (WORLD,), "Muon's gradient shares summed over ranks instead of averaged",
+      before=(T + "test_distributed.py", T + "test_train.py::test_two_ranks_and_accumulation")),
+    M("dist/all_reduce_no_divide", "harness/dist.py",
+      "return lambda: (work.wait(), t.div_(n))[1]", "return lambda: (work.wait(), t)[1]",
+      (WORLD,), "Adam's gradients summed over ranks (gloo) instead of averaged",
+      before=(T + "test_distributed.py", T + "test_train.py::test_two_ranks_and_accumulation")),
+    M("dist/padding_takes_a_share", "harness/optim.py",
+      "return range(start, min(start + self.per_rank, len(self.refs)))", "return range(start, start + self.per_rank - (start > 0))",
+      (WORLD,), "a rank past the first skips the last matrix of its share (3 ranks: a real matrix never updated)"),
+    # --- ORD with momentum, every variant (the single-tensor reference over 4 steps) -------------
+    M("ord/split_raw_gradient", "harness/optim.py", "rho, G_par = ord_split(G, W, mode.eps)",
+      "rho, G_par = ord_split(grad, W, mode.eps)", (OPTIM_REF,),
+      "G_par taken from the raw gradient instead of the momentum gradient", before=(T + "test_optim.py", T + "test_ord.py")),
+    M("ord/after_norm_added_before", "harness/optim.py", 'if mode is not None and mode.placement == "after_norm":',
+      'if mode is not None and mode.placement == "before_norm":', (OPTIM_REF,),
+      "the fork's placement (after NorMuon) never adds back; before_norm adds twice"),
+    M("ord/mean_units_not_converted", "harness/optim.py",
+      'add_back = s * G_par if mode.units == "fork" else s * G_par / unit_scale', "add_back = s * G_par",
+      (OPTIM_REF,), "ord_units mean adds G_par in fork units"),
+    M("ord/reproject_ignored", "harness/optim.py", "if mode is not None and mode.reproject:", "if False:",
+      (OPTIM_REF,), "--ord_reproject does nothing"),
+    # --- the fork's rules (tests/test_fork_parity_optim.py; needs ../shared/reference) -----------
+    M("fork/ord_projected_always", "harness/optim.py",
+      'ns_in = G - (G_par if mode.form == "projected" else s * G_par)', "ns_in = G - G_par", (PARITY,),
+      "Polar(G - G_par) for every s instead of the fork's G - s G_par"),
+    M("fork/muon_wd_not_lr_squared", "harness/optim.py", "W - W * mask * (cfg.muon_wd * lr) * lr_eff",
+      "W - W * mask * cfg.muon_wd * lr_eff", (PARITY,), "Muon decay by wd x lr_eff (ours before) not wd x lr x lr_eff"),
+    M("fork/cautious_mask_inverted", "harness/optim.py", "mask = (update * W >= 0) if cfg.cautious_wd",
+      "mask = (update * W < 0) if cfg.cautious_wd", (PARITY,), "decay where update and weight disagree"),
+    M("fork/mlp_proj_factor_1", "harness/config.py", "muon_lr_mul_mlp_proj: float = 2.0",
+      "muon_lr_mul_mlp_proj: float = 1.0", (PARITY,), "the MLP output projection loses its 2x"),
+    M("fork/normuon_beta2_09", "harness/config.py", "normuon_beta2: float = 0.95", "normuon_beta2: float = 0.9",
+      (PARITY,), "NorMuon beta2 0.9 (ours before)"),
+    M("fork/normuon_floor", "harness/optim.py", "step_size = second_moment.clamp_min(1e-10).rsqrt_()",
+      "step_size = second_moment.clamp_min(1e-8).rsqrt_()", (PARITY,), "NorMuon's floor moved"),
+    M("fork/no_add_back", "harness/optim.py",
+      'add_back = s * G_par if mode.units == "fork" else s * G_par / unit_scale',
+      'add_back = 0 * G_par if mode.units == "fork" else s * G_par / unit_scale', (PARITY,), "ORD adds nothing back"),
+    M("fork/mean_loss_units", "harness/trainer.py", "    return batch_tokens / 4", "    return 1.0", (PARITY,),
+      "G_par in mean-loss units (ours before)"),
+    M("fork/adam_wd_lr_not_squared", "harness/optim.py", "update.addcmul_(p, mask, value=lr * lr * wd)",
+      "update.addcmul_(p, mask, value=lr * wd)", (PARITY,), "Adam decay by lr x wd"),
+    M("fork/adam_eps_inside", "harness/optim.py", "update = exp_avg.div(exp_avg_sq.sqrt().add_(eps))",
+      "update = exp_avg.div(exp_avg_sq.sqrt().add_(eps * 100))", (PARITY,), "Adam's eps 100x"),
+    M("fork/head_wd_mul", "harness/optim.py", '"lm_head": AdamSetting(0.5, 0.95, wd_mul=150.0)',
+      '"lm_head": AdamSetting(0.5, 0.95, wd_mul=15.0)', (PARITY,), "the head's decay multiplier 150 -> 15"),
+    M("fork/momentum_warmup_halved", "harness/schedule.py",
+      "return lo + step / self.momentum_warmup * (hi - lo)", "return lo + step / self.momentum_warmup * (hi - lo) / 2",
+      (PARITY,), "Muon momentum warms up to half the gap"),
     # --- report, Slurm, CLI messages -----------------------------------------------------------
     M("report/rank_verdict_inverted", "experiments/report.py",
       "{'yes' if moved else 'no'}", "{'yes' if not moved else 'no'}",
@@ -150,6 +208,9 @@ def copy_repo(dst: Path) -> None:
         out = dst / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, out)
+    shared = ROOT.parent / "shared"
+    if shared.is_dir() and not (dst.parent / "shared").exists():  # the fork-parity tests look beside the root
+        (dst.parent / "shared").symlink_to(shared)
     local = ROOT / "data" / "local"
     if local.is_dir():  # the default shards: the session fixture rebuilds them otherwise
         shutil.copytree(local, dst / "data" / "local")

@@ -24,16 +24,26 @@ SMALL = ["--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--seq_le
          "--batch_sizes", "64,64,64,64", "--device_batch_tokens", "64"]
 MICRO = 6  # gradients per step, split over the ranks (world sizes 1, 2, 3 and 6)
 SCHEDULE = [(1.0, 0.85), (0.7, 0.9), (0.3, 0.95), (0.5, 0.95)]  # (lr_mul, momentum) per step
+UNIT_SCALE = 3.0  # the mean-loss -> fork-units factor the trainer passes (matters for ord_units mean)
+ORD = "ORD"  # first item of a flag set: the run is train_gpt_muon_new.py's (ORD on)
 FLAG_SETS = {
     "default": [],
     "cautious_wd": ["--muon_wd", "0.5", "--cautious_wd"],
     "quintic": ["--normuon", "0", "--ns_method", "quintic"],
     "adam_every_2": ["--adam_every", "2", "--adam_wd", "0.3", "--adam_overrides", ""],
+    # ORD, every variant, with momentum over the whole schedule
+    "ord_fork": [ORD, "--spectral_lr_mul", "0.5", "--spectral_lr_mul_attn", "0.1", "--muon_wd", "0.5", "--cautious_wd"],
+    "ord_projected_mean_before_norm": [ORD, "--spectral_lr_mul", "1.0", "--ord_form", "projected", "--ord_units",
+                                       "mean", "--ord_placement", "before_norm"],
+    "ord_reproject_no_normuon": [ORD, "--spectral_lr_mul", "0.3", "--spectral_lr_mul_mlp", "0.8", "--ord_reproject",
+                                 "--normuon", "0"],
 }
 
 
 def small_model(*flags):
-    cfg = load_config(SMALL + list(flags), env={})
+    ord_on = bool(flags) and flags[0] == ORD
+    flags = flags[1:] if ord_on else flags
+    cfg = load_config(SMALL + list(flags), env={}, overrides={"ord": True} if ord_on else None)
     torch.manual_seed(0)
     model = GPT(ModelShape.from_config(cfg))
     # zero-initialised projections would make the first Muon steps trivial: start from noise
@@ -61,12 +71,31 @@ def accumulate(model, grads: dict[str, torch.Tensor]) -> None:
         p.grad = grads[name].clone() if p.grad is None else p.grad + grads[name]
 
 
-def reference_muon_matrix(W, g, state, *, lr, momentum, cfg, role, ns_dtype=torch.float32):
-    """A plain single-matrix implementation of the documented update (REFERENCE.md, the fork's rules)."""
+def reference_spectral_mul(cfg, role: str) -> float:
+    kind = role.split("_")[0]
+    per_kind = {"attn": cfg.spectral_lr_mul_attn, "mlp": cfg.spectral_lr_mul_mlp}[kind]
+    return per_kind if per_kind is not None else cfg.spectral_lr_mul
+
+
+def reference_muon_matrix(W, g, state, *, lr, momentum, cfg, role, ns_dtype=torch.float32, unit_scale=1.0):
+    """A plain single-matrix implementation of the documented update (REFERENCE.md, the fork's
+    rules), with ORD when cfg.ord: rho = <G,W>/||W||^2 on the momentum gradient G, Polar of
+    G - s G_par (interpolated) or G - G_par (projected), optionally re-projected, s G_par added
+    back before or after NorMuon (divided by unit_scale in mean units)."""
     buf = state.setdefault("buf", torch.zeros_like(W))
     buf.mul_(momentum).add_(g, alpha=1 - momentum)
     G = g * (1 - momentum) + buf * momentum
-    O = orthogonalize(G, method=cfg.ns_method, steps=cfg.ns_steps, dtype=ns_dtype).float()
+    ns_in = G
+    if cfg.ord:
+        s = reference_spectral_mul(cfg, role)
+        G_par = (G * W).sum() / ((W * W).sum() + cfg.spectral_proj_eps) * W
+        ns_in = G - G_par if cfg.ord_form == "projected" else G - s * G_par
+        add_back = s * G_par / (unit_scale if cfg.ord_units == "mean" else 1.0)
+    O = orthogonalize(ns_in, method=cfg.ns_method, steps=cfg.ns_steps, dtype=ns_dtype).float()
+    if cfg.ord and cfg.ord_reproject:
+        O = O - (O * W).sum() / ((W * W).sum() + cfg.spectral_proj_eps) * W
+    if cfg.ord and cfg.ord_placement == "before_norm":
+        O = O + add_back
     m, n = W.shape
     if cfg.normuon:
         v = (O**2).mean(dim=1, keepdim=True) if m >= n else (O**2).mean(dim=0, keepdim=True)
@@ -74,6 +103,8 @@ def reference_muon_matrix(W, g, state, *, lr, momentum, cfg, role, ns_dtype=torc
         sm.add_((v - sm) * (1 - cfg.normuon_beta2))
         O2 = O / sm.clamp_min(1e-10).sqrt()
         O = O2 * (O.norm() / O2.norm())
+    if cfg.ord and cfg.ord_placement == "after_norm":
+        O = O + add_back
     # the fork's factor on its stored layout: MLP matrices tall, the output projection 2x more
     shape_factor = math.sqrt(max(m, n) / min(m, n)) if role.startswith("mlp") else 1.0
     lr_eff = lr * shape_factor * (cfg.muon_lr_mul_mlp_proj if role == "mlp_proj" else 1.0)
@@ -124,7 +155,7 @@ def run_against_reference(flags, info: hdist.DistInfo) -> GPT:
         ties = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in ref_model.named_parameters()}
         accumulate(model, micro_grads(model, step, mine))
         mean = micro_grads(ref_model, step, range(MICRO))
-        norm, _ = opt.step(step, lr_mul, mu, clip=1e30)
+        norm, _ = opt.step(step, lr_mul, mu, unit_scale=UNIT_SCALE, clip=1e30)
         opt.zero_grad()
         adam_due = cfg.adam_every == 1 or step % 2 == 1
         sq = 0.0
@@ -146,7 +177,8 @@ def run_against_reference(flags, info: hdist.DistInfo) -> GPT:
                 gs = [g] if p.ndim == 2 else list(g)
                 for i, (W, gi) in enumerate(zip(mats, gs)):
                     tie = reference_muon_matrix(W, gi, states.setdefault((name, i), {}), lr=cfg.muon_lr * lr_mul,
-                                                momentum=mu, cfg=cfg, role=matrix_role(name, None if p.ndim == 2 else i))
+                                                momentum=mu, cfg=cfg, role=matrix_role(name, None if p.ndim == 2 else i),
+                                                unit_scale=UNIT_SCALE)
                     if p.ndim == 2:
                         ties[name] |= tie
                     else:
