@@ -14,7 +14,7 @@ import pytest
 from harness.runlog import LogFollower, RunLogWriter, read_log, find_logs
 from harness.runs import run_status, summarize
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "modded_logs"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "modded_logs"  # modded-nanogpt's own logs, kept in the repo
 
 # what the fixtures say at their end (read off the files)
 FIXTURE_FINALS = {
