@@ -2,18 +2,20 @@
 #   make demo   prepare the local corpus shards and train the tiny preset on CPU with 2 ranks
 #   make test   run the test suite
 # (and: make report   the research report, reports/<timestamp>/REPORT.md, about an hour on 2 cores)
-# Both create the virtual environment .venv from requirements.txt first (once).
+# Both create the virtual environment .venv from requirements.txt first (once), with the project
+# installed in it in editable mode (pip install -e .), so every script imports it from anywhere.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
 
-.PHONY: demo test report venv system-deps
+.PHONY: demo test lint report venv system-deps
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,6 +34,9 @@ demo: venv
 
 test: venv system-deps
 	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 report: venv
 	$(PY) -m experiments.report

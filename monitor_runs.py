@@ -24,20 +24,16 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-from harness.errors import UserError, run_cli
+from base import UserError, run_cli
 from harness.runs import (
     ENDED,
     STALE_FACTOR,
     STALE_MIN_S,
     ComparisonRow,
+    Monitor,
     RunSummary,
-    RunTracker,
-    compare_at_common_step,
-    load_sweep,
-    summarize_followers,
 )
 
 STATUS_STYLE = {
@@ -76,42 +72,6 @@ def fmt_loss(x: float | None) -> str:
 
 def fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}ms"
-
-
-class Monitor:
-    """The state of one monitor session: the followed logs and what to show."""
-
-    def __init__(
-        self,
-        paths: Sequence[str],
-        *,
-        filter_text: str | None = None,
-        sweep: str | None = None,
-        stale_min_s: float = STALE_MIN_S,
-        stale_factor: float = STALE_FACTOR,
-    ):
-        self.tracker = RunTracker(paths)
-        self.filter_text = filter_text
-        self.stale_min_s = stale_min_s
-        self.stale_factor = stale_factor
-        self.sweep_id = sweep
-        self.sweep_dir = next((p for p in paths if Path(p).is_dir()), "logs")
-        self.sweep_runs = load_sweep(self.sweep_dir, sweep) if sweep else None
-
-    def refresh(self) -> tuple[list[RunSummary], list[ComparisonRow]]:
-        if self.sweep_id:  # the launcher rewrites its manifest as runs are queued
-            self.sweep_runs = load_sweep(self.sweep_dir, self.sweep_id)
-        followers = self.tracker.refresh()
-        summaries = summarize_followers(
-            followers,
-            stale_min_s=self.stale_min_s,
-            stale_factor=self.stale_factor,
-            filter_text=self.filter_text,
-            sweep_runs=self.sweep_runs,
-        )
-        shown = {s.path for s in summaries if s.status in ("finished", "running")}
-        compared = [f.log for f in followers if f.path in shown]
-        return summaries, compare_at_common_step(compared, "tag")
 
 
 def all_ended(summaries: Sequence[RunSummary]) -> bool:

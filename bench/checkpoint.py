@@ -15,24 +15,22 @@ every record, in a thread beside torch.load), "load-crc" the same without the CR
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from base import run_cli
+from data.loader import DistributedTokenLoader
+from harness import checkpoint as ck
+from harness.config import load_config
+from harness.dist import DistInfo
+from harness.malloc import keep_freed_memory
+from harness.model import GPT, ModelShape
+from harness.optim import Optimizers
 
-from data.loader import DistributedTokenLoader  # noqa: E402
-from harness import checkpoint as ck  # noqa: E402
-from harness.config import load_config  # noqa: E402
-from harness.dist import DistInfo  # noqa: E402
-from harness.errors import UserError  # noqa: E402
-from harness.malloc import keep_freed_memory  # noqa: E402
-from harness.model import GPT, ModelShape  # noqa: E402
-from harness.optim import Optimizers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(preset: str, out_dir: Path):
@@ -79,14 +77,14 @@ def bench(preset: str, repeat: int, where: str) -> dict:
             ours = lambda: rows["save"].append(timed(lambda: ck.save(cfg, info, **save_args)))  # noqa: E731
             for f in ((ref, ours) if i % 2 else (ours, ref)):
                 f()
-            del state
+            state = None  # free it before the loads (the lambdas above are done with it)
             rows["ref_load"].append(timed(lambda: torch.load(ref_path, map_location="cpu", weights_only=True)))
             rows["load_nocrc"].append(timed(lambda: ck.load(path, verify=False)))
             box = {}
             rows["load"].append(timed(lambda: box.setdefault("c", ck.load(path))))
             rows["restore"].append(timed(lambda: ck.restore(box["c"], path, model=model, opt=opt, loader=loader,
                                                             info=info)))
-            del box
+            box = None
         best = {k: min(v) for k, v in rows.items()}
         return {"preset": preset, "params": n_params, "size": path.stat().st_size, "ref_size": ref_path.stat().st_size,
                 **best}
@@ -113,8 +111,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    run_cli(main)

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from base import UserError, run_cli
+from harness import dist as hdist
+from harness.config import load_config, validate
+from harness.trainer import Trainer
 
-from harness import dist as hdist  # noqa: E402
-from harness.config import load_config, validate  # noqa: E402
-from harness.errors import UserError  # noqa: E402
-from harness.trainer import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_trainer(every: int, sample: int, log_dir: str) -> Trainer:
@@ -63,23 +61,19 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--sample", type=int, default=0, help="diag_sample (0: every Muon matrix)")
     args = parser.parse_args(argv)
-    try:
-        if args.steps < args.every:
-            raise UserError(f"--steps {args.steps} must be >= --every {args.every} (one diagnostics step at least)")
-        os.chdir(ROOT)  # the tiny preset's data paths are relative to the repository
-        off, on, diag_steps = [], [], []
-        for r in range(args.rounds):
-            t_off, t_on = timed_round(args.every, args.sample, args.steps, "/tmp/diag_overhead_logs")
-            off += t_off
-            on += t_on
-            due = [t for s, t in enumerate(t_on, start=1) if s % args.every == 0]
-            rest = [t for s, t in enumerate(t_on, start=1) if s % args.every]
-            diag_steps += [t - statistics.mean(rest) for t in due]
-            print(f"round {r + 1}: off {1000 * statistics.mean(t_off):.0f} ms/step, "
-                  f"on {1000 * statistics.mean(t_on):.0f} ms/step", flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.steps < args.every:
+        raise UserError(f"--steps {args.steps} must be >= --every {args.every} (one diagnostics step at least)")
+    os.chdir(ROOT)  # the tiny preset's data paths are relative to the repository
+    off, on, diag_steps = [], [], []
+    for r in range(args.rounds):
+        t_off, t_on = timed_round(args.every, args.sample, args.steps, "/tmp/diag_overhead_logs")
+        off += t_off
+        on += t_on
+        due = [t for s, t in enumerate(t_on, start=1) if s % args.every == 0]
+        rest = [t for s, t in enumerate(t_on, start=1) if s % args.every]
+        diag_steps += [t - statistics.mean(rest) for t in due]
+        print(f"round {r + 1}: off {1000 * statistics.mean(t_off):.0f} ms/step, "
+              f"on {1000 * statistics.mean(t_on):.0f} ms/step", flush=True)
     m_off, m_on = statistics.mean(off), statistics.mean(on)
     print(f"tiny preset, {args.steps} timed steps x {args.rounds} rounds per arm, diag_every {args.every}, "
           f"diag_sample {args.sample or 'all'}")
@@ -92,4 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

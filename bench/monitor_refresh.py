@@ -16,11 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness.runlog import RunLogWriter, find_logs, read_log  # noqa: E402
-from harness.runs import compare_at_common_step, summarize  # noqa: E402
-from monitor_runs import Monitor  # noqa: E402
+from harness.runlog import RunLogWriter, find_logs, read_log
+from harness.runs import Monitor, compare_at_common_step, summarize
 
 
 def write_logs(d: Path, n: int, lines: int) -> list[RunLogWriter]:

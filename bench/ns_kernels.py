@@ -20,17 +20,13 @@ the literal formula (b*A + c*(A@A), fresh tensors each step) as the in-process r
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness.errors import UserError, run_cli  # noqa: E402
-from kernels import ns_coefficients, orthogonalize  # noqa: E402
-from kernels.newton_schulz import normalize  # noqa: E402
+from base import UserError, run_cli
+from kernels import ns_coefficients, orthogonalize
+from kernels.newton_schulz import normalize
 
 SHAPES = ((768, 768), (768, 3072))
 

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness.errors import UserError, run_cli  # noqa: E402
-from kernels import orthogonalize  # noqa: E402
+from base import UserError, run_cli
+from kernels import orthogonalize
 
 METHODS = ("polar_express", "quintic")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -17,20 +17,16 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from harness.config import load_config  # noqa: E402
-from harness.dist import DistInfo  # noqa: E402
-from harness.malloc import keep_freed_memory  # noqa: E402
-from harness.model import GPT, ModelShape  # noqa: E402
-from harness.optim import Optimizers, ns_dtype  # noqa: E402
-from kernels import orthogonalize  # noqa: E402
+from harness.config import load_config
+from harness.dist import DistInfo
+from harness.malloc import keep_freed_memory
+from harness.model import GPT, ModelShape
+from harness.optim import Optimizers, ns_dtype
+from kernels import orthogonalize
 
 
 def median_time(fn, repeat: int) -> float:

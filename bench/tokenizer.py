@@ -16,14 +16,11 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.prepare_corpus import default_inputs, encode_documents, list_documents, read_text  # noqa: E402
-from data.tokenizer import gpt2_encoding  # noqa: E402
+from data.prepare_corpus import default_inputs, encode_documents, list_documents, read_text
+from data.tokenizer import gpt2_encoding
 
 
 def main() -> int:

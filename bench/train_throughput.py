@@ -18,10 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness.runlog import read_log
 
-from harness.runlog import read_log  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(nproc: int, steps: int, out: Path, *extra: str) -> float:

@@ -12,14 +12,10 @@ is skipped without a request; a present but damaged one is fetched again.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python data/cached_fineweb10B.py`: make `harness`/`data` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.shards import read_header  # noqa: E402
-from harness.errors import UserError, dir_write_error  # noqa: E402
+from base import UserError, dir_write_error, run_cli
+from data.shards import read_header
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 MAX_TRAIN_SHARDS = 103
@@ -116,14 +112,10 @@ def main(argv=None) -> int:
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit; default main)")
     args = ap.parse_args(argv)
     try:
-        try:
-            n = int(args.num_train)
-        except ValueError:
-            raise UserError(f"number of train shards {args.num_train!r}: must be an integer in 1..{MAX_TRAIN_SHARDS}") from None
-        result = download_fineweb(n, args.dir, revision=args.revision)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        n = int(args.num_train)
+    except ValueError:
+        raise UserError(f"number of train shards {args.num_train!r}: must be an integer in 1..{MAX_TRAIN_SHARDS}") from None
+    result = download_fineweb(n, args.dir, revision=args.revision)
     print(
         f"{result['dir']}: {len(result['downloaded'])} shards downloaded, "
         f"{len(result['present'])} already present and valid "
@@ -133,4 +125,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base import UserError
 from data.shards import check_vocab, find_shards, open_shard
 from data.tokenizer import EOT
-from harness.errors import UserError
 
 
 def _resolve_files(files) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The fork's data path (reference/fork/train_gpt.py: Shard, get_bigram_hash,
+"""The fork's data path (the fork's train_gpt.py: Shard, get_bigram_hash,
 distributed_data_generator): document-packed micro-batches for the speedrun model (B = 1).
 
 Training (BOS-aligned): a global step of N tokens is `grad_accum` micro-batches of N // grad_accum
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base import UserError
 from data.shards import find_shards, open_shard
 from data.tokenizer import EOT
-from harness.errors import UserError
 
 BOS_ID = EOT  # 50256: every document starts with <|endoftext|>
 BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191

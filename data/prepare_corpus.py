@@ -37,12 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python data/prepare_corpus.py`: make `harness`/`data` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.shards import read_header, temp_path_for, write_shard  # noqa: E402
-from data.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding  # noqa: E402
-from harness.errors import UserError  # noqa: E402
+from base import UserError, atomic_write, run_cli
+from data.shards import read_header, write_shard
+from data.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
 
 DEFAULT_OUT = Path("data/local")
 DEFAULT_SHARD_TOKENS = 10_000_000
@@ -343,11 +340,7 @@ def _build(docs, inputs, exts, settings, fingerprint, val_fraction, val_tokens, 
         "val_shards": val,
         "val_documents_list": sorted(docs[k].name for k, v in zip(kept, is_val) if v),
     }
-    tmp = temp_path_for(out_dir / META_NAME)
-    with open(tmp, "x") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out_dir / META_NAME)
+    atomic_write(out_dir / META_NAME, json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -481,25 +474,21 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the shards are up to date")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    try:
-        result = prepare_corpus(
-            args.inputs or None,
-            args.out,
-            val_fraction=args.val_fraction,
-            val_tokens=args.val_tokens,
-            shard_tokens=args.shard_tokens,
-            workers=args.workers,
-            max_files=args.max_files,
-            exts=tuple(args.ext) if args.ext else DEFAULT_EXTS,
-            force=args.force,
-            progress=not args.no_progress,
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = prepare_corpus(
+        args.inputs or None,
+        args.out,
+        val_fraction=args.val_fraction,
+        val_tokens=args.val_tokens,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        max_files=args.max_files,
+        exts=tuple(args.ext) if args.ext else DEFAULT_EXTS,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     print(_summary(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -12,12 +12,11 @@ import glob
 import hashlib
 import os
 import re
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from harness.errors import UserError
+from base import UserError, atomic_write
 
 MAGIC = 20240520
 VERSION = 1
@@ -29,12 +28,6 @@ HOW_TO_MAKE_SHARDS = (
     "create shards with `python -m data.prepare_corpus` (local text, offline) "
     "or `python data/cached_fineweb10B.py N` (FineWeb, N train shards)"
 )
-
-
-def temp_path_for(path: Path) -> Path:
-    """A unique hidden temp name next to ``path`` (same filesystem, so os.replace is atomic).
-    Opened with mode "x" it gets the usual umask permissions, unlike mkstemp's 0600."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_shard(path: str | os.PathLike, tokens) -> int:
@@ -54,17 +47,13 @@ def write_shard(path: str | os.PathLike, tokens) -> int:
         raise UserError(f"{path}: {arr.size} tokens do not fit in one shard (int32 header)")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, arr.size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             f.write(header.tobytes())
             f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     return int(arr.size)
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,8 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from base import UserError, atomic_write
 from harness.config import Config
-from harness.errors import UserError
 from harness.model import GPT, ModelShape
 from harness.optim import MatrixRef, matrix_refs
 from kernels import orthogonalize
@@ -223,21 +221,12 @@ def measure_points(steps: int, count: int = 10) -> list[int]:
 
 
 # --- output files -----------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    # the format named from `path`: the temp file's own suffix is .tmp
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or None, dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -286,7 +275,8 @@ def lm_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) 
 
 def main(run: Callable[..., dict], description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
          argv: Sequence[str] | None = None) -> int:
-    """`--out DIR [--quick] [--seed N] [size flags]`; UserError -> one line on stderr, exit 2."""
+    """`--out DIR [--quick] [--seed N] [size flags]`; a study's `__main__` runs it under base.run_cli
+    (UserError -> one `error:` line on stderr, exit 2)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="output folder (figures + table.md)")
     parser.add_argument("--quick", action="store_true", help="a minutes-scale size for a laptop CPU")
@@ -295,17 +285,13 @@ def main(run: Callable[..., dict], description: str, add_arguments: Callable[[ar
     args = vars(parser.parse_args(argv))
     out, quick, seed = args.pop("out"), args.pop("quick"), args.pop("seed")
     t0 = time.perf_counter()
-    try:
-        run(Path(out), quick=quick, seed=seed, **{k: v for k, v in args.items() if v is not None})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    run(Path(out), quick=quick, seed=seed, **{k: v for k, v in args.items() if v is not None})
     print(f"wrote {out}/table.md and figures in {time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 
 
 __all__ = [
     "LMSize", "QUICK", "SMALL", "lm_size", "LMData", "make_gpt", "hidden_matrices", "hidden_params", "layer_type",
-    "val_loss", "SimpleMuon", "Optimizers", "adam_vs_muon", "measure_points", "atomic_write_text",
+    "val_loss", "SimpleMuon", "Optimizers", "adam_vs_muon", "measure_points",
     "save_figure", "figure", "fmt", "markdown_table", "first_last", "ema", "lm_arguments", "main",
 ]

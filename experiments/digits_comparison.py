@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from base import UserError, atomic_write, run_cli
 from experiments import common as C
 from harness import spectral as sp
-from harness.errors import UserError
 from kernels import orthogonalize
 
 ARMS = {  # name: (kind, lr, NS steps)
@@ -154,7 +154,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, epochs: int | None = None, 
             f"of {hidden}; batch {batch}, {epochs} epochs, seed {seed}. Muon: quintic Newton-Schulz.\n\n"
             + C.markdown_table(["optimizer", "final test acc.", "best test acc.", "eff. rank (epoch 1 → last)",
                                 "after NS (epoch 1 → last)"], rows))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return {"epochs": epochs, "arms": results}
 
 
@@ -167,4 +167,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from base import atomic_write, run_cli
 from experiments import common as C
 from harness import spectral as sp
 
@@ -107,7 +108,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, measure: int = 10, **sizes)
             f"Final validation loss: Adam {adam['final_val_loss']:.4f}, Muon {muon['final_val_loss']:.4f} "
             f"({100 * gap:+.1f}%).\n\n"
             + C.markdown_table(["layer", "Adam start→end", "Muon start→end", "Muon after NS"], rows))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return results
 
 
@@ -117,4 +118,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

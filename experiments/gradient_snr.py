@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base import UserError, atomic_write, run_cli
 from experiments import common as C
 from harness import spectral as sp
-from harness.errors import UserError
 from kernels import orthogonalize
 
 
@@ -82,7 +82,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, minibatches: int = 16, poin
             f"sequence {size.seq_len}, batch {size.batch} per minibatch, {size.steps} steps, vocab {size.vocab}, "
             f"seed {seed}. SNR = ||mean_b g_b|| / ||std_b g_b|| over {minibatches} minibatches at a fixed point.\n\n"
             + C.markdown_table(header, rows + [means]))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return {"size": size.__dict__, "points": at, "minibatches": minibatches, "snr": results}
 
 
@@ -93,4 +93,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

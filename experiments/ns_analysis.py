@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base import UserError, atomic_write, run_cli
 from experiments import common as C
 from harness import spectral as sp
-from harness.errors import UserError
 from kernels import orthogonalize
 
 METHODS = ("polar_express", "quintic")
@@ -118,7 +118,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, stages: int = 4, **sizes) -
             "Raw gradients, means over the matrices of each type; PE = polar express, Q = quintic, 5 steps each.\n\n"
             + C.markdown_table(["step", "type", "eff. rank G", "eff. rank PE(G)", "eff. rank Q(G)", "angle PE [°]",
                                 "angle Q [°]", "rel. loss PE", "rel. loss PE (rescaled)", "σ band PE", "σ band Q"], rows))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return {"size": size.__dict__, "stages": points, "types": types,
             "table": {f"{s}/{m}/{t}": v for (s, m, t), v in table.items()}}
 
@@ -129,4 +129,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from base import UserError, atomic_write, run_cli
 from experiments import common as C
 from harness import spectral as sp
-from harness.errors import UserError
 
 ADAM_LR = 3e-4
 CLIP = 1.0
@@ -89,7 +89,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, k: int = 8, modes=MODES, **
             f"seed {seed}; Adam lr {ADAM_LR}, clip {CLIP}; low_rank keeps k = {k}.\n\n"
             + C.markdown_table(["mode", "final train loss (last 10%)", "final val loss",
                                 "mean eff. rank of hidden gradients"], rows))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return {"size": size.__dict__, "k": k, "modes": results}
 
 
@@ -99,4 +99,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

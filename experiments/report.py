@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments.common import SMALL, atomic_write_text, first_last, fmt, markdown_table
-from harness.errors import UserError, run_cli
+from base import UserError, atomic_write, run_cli
+from experiments.common import SMALL, first_last, fmt, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "sweeps" / "report_ord.toml"
@@ -276,14 +275,14 @@ minibatches at fixed weights. Scale: one seed, a {sizes.small['num_layers']}-lay
 
 def run_sweep(out: Path, sizes: Sizes, data: Path) -> Path:
     """launch_lr_sweep.py on sweeps/report_ord.toml; returns the log folder."""
-    import launch_lr_sweep
+    from harness import sweep_cli
 
     log_dir = out / "runs"
     argv = [str(SWEEP_FILE), "--log-dir", str(log_dir), "--seeds", ",".join(map(str, sizes.sweep_seeds)),
             "--set", f"train_files={data / 'local_train_*.bin'}", "--set", f"val_files={data / 'local_val_*.bin'}"]
     for s in sizes.sweep_sets:
         argv += ["--set", s]
-    code = launch_lr_sweep.main(argv)
+    code = sweep_cli.main(argv)
     if code != 0:
         raise UserError(f"the ORD sweep did not finish every run (launcher exit {code}); see {log_dir}/sweeps/")
     return log_dir
@@ -295,7 +294,7 @@ def _block_of(layer: str) -> int | None:
 
 
 def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Section]:
-    import plot_loss as PL
+    from harness import plots as PL
 
     log_dir = run_sweep(out, sizes, data)
     runs = PL.load_runs([log_dir])
@@ -396,7 +395,7 @@ positive by chance.
 
 def weight_dynamics(out: Path, standard: list) -> Section:
     """Alignment, entropy and stretching by depth, from the standard runs' diag lines."""
-    import plot_loss as PL
+    from harness import plots as PL
 
     d = out / "weight_dynamics"
     first_seed = sorted(standard, key=lambda r: r.config["seed"])[:1]
@@ -523,7 +522,7 @@ def comparison_with_reference(sections: dict[str, Section]) -> str:
     gr, dg, ords = sections.get("gradient_rank"), sections.get("digits"), sections.get("ord_sweep")
     if gr:
         n = gr.numbers
-        out.append(f"- Seeds (REFERENCE.md): in a 4-layer 256-wide GPT after 200 steps Muon's updates kept effective rank "
+        out.append(f"- Seeds (docs/REFERENCE.md): in a 4-layer 256-wide GPT after 200 steps Muon's updates kept effective rank "
                    f"~230 of 256 against ~40-50 for Adam's raw gradients, and Muon's loss was 2.8% lower (6.83 vs 7.03). "
                    f"Here ({n['size']['num_layers']}x{n['size']['model_dim']}, {n['size']['steps']} steps): Muon after NS "
                    f"{fmt(n['ns_end'])} of {n['width']}, Adam raw {fmt(n['adam_end'])}; loss {_pct(_rel(n['adam_val'], n['muon_val']))} "
@@ -602,8 +601,8 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     meta = {"commit": commit, "dirty": dirty, "quick": quick, "sections": list(only), "python": platform.python_version(),
             "torch": torch.__version__, "threads": THREADS, "machine": platform.machine(), "cpus": os.cpu_count(),
             "sizes": asdict(sizes), "sweep_file": SWEEP_FILE.relative_to(ROOT).as_posix(), "minutes": minutes}
-    atomic_write_text(out / "runs.json", json.dumps(_json_safe({**meta, "runs": runs}), indent=1))
-    atomic_write_text(out / "results.json", json.dumps(_json_safe({name: s.numbers for name, s in sections.items()}), indent=1, sort_keys=True))
+    atomic_write(out / "runs.json", json.dumps(_json_safe({**meta, "runs": runs}), indent=1))
+    atomic_write(out / "results.json", json.dumps(_json_safe({name: s.numbers for name, s in sections.items()}), indent=1, sort_keys=True))
 
     order = ("gradient_rank", "digits", "rank_manipulation", "gradient_snr", "weight_dynamics", "ord_sweep")
     body = []
@@ -626,7 +625,7 @@ parameters and billions of tokens. Seeds, commit and the resolved config of ever
 ## Summary
 
 {summary(sections)}
-**Against REFERENCE.md**
+**Against docs/REFERENCE.md**
 
 {comparison_with_reference(sections)}
 {chr(10).join(body)}
@@ -637,7 +636,7 @@ sweep alone: `python launch_lr_sweep.py sweeps/report_ord.toml`; any study alone
 `python -m experiments.<name> --out DIR` (see `--help`). Same machine, same numbers: every
 run is seeded, single-process per run, with {THREADS} threads.
 """
-    atomic_write_text(out / "REPORT.md", text)
+    atomic_write(out / "REPORT.md", text)
     return out / "REPORT.md"
 
 

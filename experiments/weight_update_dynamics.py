@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base import UserError, atomic_write, run_cli
 from experiments import common as C
 from harness import dist as hdist
 from harness.config import Config
 from harness.diagnostics import SpectralDiagnostics
-from harness.errors import UserError
 from harness.optim import Optimizers
 
 METRICS = ("align_wdw", "w_entropy", "w_smax")
@@ -108,7 +108,7 @@ def run(out_dir, quick: bool = False, seed: int = 0, topk: int = 8, every: int |
             f"{C.fmt(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)}.\n\n"
             + C.markdown_table(["layer", "alignment W/ΔW start→end", "spectral entropy start→end", "σ_max start→end",
                                 "mean alignment"], rows))
-    C.atomic_write_text(out / "table.md", text)
+    atomic_write(out / "table.md", text)
     return {"size": size.__dict__, "steps": steps, "layers": layers, "series": series, "loss": losses}
 
 
@@ -119,4 +119,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(C.main(run, __doc__.splitlines()[0], _args))
+    run_cli(lambda: C.main(run, __doc__.splitlines()[0], _args))

@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from base import UserError, atomic_write
 from harness import dist as hdist
 from harness.config import Config, field_names
-from harness.errors import UserError
 
 FORMAT = "harness-checkpoint"
 VERSION = 1
@@ -150,22 +150,16 @@ def write_atomic(obj: Any, path: Path) -> None:
     No fsync: it tripled the save time here (the write waits for the disk instead of the page
     cache) and guards only against a machine crash, after which a torn file fails load()'s
     CRC-32 check and `latest` falls back to the previous checkpoint (keep_last >= 2)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the newest keep_last checkpoints, and temp files of crashed saves."""
     for _, p in list_checkpoints(directory)[:-keep_last]:
         p.unlink(missing_ok=True)
-    for p in directory.glob(".step_*.pt.tmp*"):
-        p.unlink(missing_ok=True)
+    for pattern in (".step_*.pt.*.tmp", ".step_*.pt.tmp*"):  # base.atomic_write's; before it, `.NAME.tmpPID`
+        for p in directory.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def save(cfg: Config, info: hdist.DistInfo, *, step: int, model, opt, loader,

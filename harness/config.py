@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from harness.errors import UserError
+from base import UserError
 
 # Fields that live in the environment of torchrun or the shell; never read as config.
 _RESERVED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -85,7 +85,7 @@ class Config:
     val_loss_every_last: int = 0
     grad_clip: float = 0.0  # 0 = off
 
-    # --- optimizer (the fork's rules: REFERENCE.md "Optimizer"; harness/optim.py) ----------
+    # --- optimizer (the fork's rules: docs/REFERENCE.md "Optimizer"; harness/optim.py) ----------
     muon_lr: float = 0.05
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85
@@ -170,7 +170,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # A CPU run of a few minutes on the local corpus (Python stdlib sources).
     "tiny": {},
-    # The 8xH100 FineWeb10B run of the ORD experiment (REFERENCE.md).
+    # The 8xH100 FineWeb10B run of the ORD experiment (docs/REFERENCE.md).
     "speedrun": dict(
         train_files="data/fineweb10B/fineweb_train_*.bin",
         val_files="data/fineweb10B/fineweb_val_*.bin",

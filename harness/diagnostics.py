@@ -29,13 +29,13 @@ with diagnostics follows the same trajectory, bit for bit, as one without.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from base import atomic_write
 from harness import dist as hdist
 from harness import spectral as sp
 from harness.config import Config
@@ -246,8 +246,9 @@ class SpectralDiagnostics:
                 rows.append(np.full(len(rows[-1]), np.nan, np.float32))
         arrays = {"steps": np.asarray(self._spectra_steps, dtype=np.int64)}
         arrays.update({key: np.stack(rows) for key, rows in self._spectra.items()})
-        self.spectra_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.spectra_path.with_name(f".{self.spectra_path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, self.spectra_path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "xb") as f:  # a file object: given a path, np.savez would append .npz
+                np.savez(f, **arrays)
+
+        atomic_write(self.spectra_path, write)

@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from harness.errors import UserError
+from base import UserError
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The optimizers, with the fork's rules (REFERENCE.md "Optimizer"; reference/fork/train_gpt.py):
+"""The optimizers, with the fork's rules (docs/REFERENCE.md "Optimizer"; the fork's train_gpt.py):
 sharded NorMuon (with ORD) for the hidden matrices, per-label Adam for the rest.
 
 Gradient units. The trainer hands over gradients in the fork's units: the fork sums the loss

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from harness.errors import UserError
+from base import UserError
 
 
 def lock_path(log_dir: str | os.PathLike, run_id: str) -> Path:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness.errors import UserError
+from base import UserError
 
 FORMAT_VERSION = 1
 SEPARATOR = "=" * 100

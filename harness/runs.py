@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from base import UserError
 from harness.config import ORD_FIELDS as CONFIG_ORD_FIELDS
-from harness.errors import UserError
 from harness.runlog import LogFollower, RunLog, find_logs
 
 STALE_MIN_S = 60.0
@@ -344,3 +344,39 @@ def summarize_followers(
     if filter_text:
         out = [s for s in out if matches(s, filter_text)]
     return sorted(out, key=lambda s: (s.tag, s.run_id))
+
+
+class Monitor:
+    """The state of one monitor session: the followed logs and what to show."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        filter_text: str | None = None,
+        sweep: str | None = None,
+        stale_min_s: float = STALE_MIN_S,
+        stale_factor: float = STALE_FACTOR,
+    ):
+        self.tracker = RunTracker(paths)
+        self.filter_text = filter_text
+        self.stale_min_s = stale_min_s
+        self.stale_factor = stale_factor
+        self.sweep_id = sweep
+        self.sweep_dir = next((p for p in paths if Path(p).is_dir()), "logs")
+        self.sweep_runs = load_sweep(self.sweep_dir, sweep) if sweep else None
+
+    def refresh(self) -> tuple[list[RunSummary], list[ComparisonRow]]:
+        if self.sweep_id:  # the launcher rewrites its manifest as runs are queued
+            self.sweep_runs = load_sweep(self.sweep_dir, self.sweep_id)
+        followers = self.tracker.refresh()
+        summaries = summarize_followers(
+            followers,
+            stale_min_s=self.stale_min_s,
+            stale_factor=self.stale_factor,
+            filter_text=self.filter_text,
+            sweep_runs=self.sweep_runs,
+        )
+        shown = {s.path for s in summaries if s.status in ("finished", "running")}
+        compared = [f.log for f in followers if f.path in shown]
+        return summaries, compare_at_common_step(compared, "tag")

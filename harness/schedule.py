@@ -1,5 +1,5 @@
 """The speedrun schedules: batch-size stages, LR multiplier with linear cooldown, Muon momentum
-warm-up, and when to validate (REFERENCE.md, "The run").
+warm-up, and when to validate (docs/REFERENCE.md, "The run").
 
 The scheduled steps S are split into three equal stages (boundaries at round(k/3 * S)), then an
 extension stage of E steps. Each stage has its global batch size (tokens per step) and LR

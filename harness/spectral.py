@@ -1,4 +1,4 @@
-"""Spectral metrics of gradients, updates and weights (definitions: REFERENCE.md, "Spectral metrics").
+"""Spectral metrics of gradients, updates and weights (definitions: docs/REFERENCE.md, "Spectral metrics").
 
 Pure torch. Every metric takes a matrix or a batch of matrices (..., m, n) and returns one value
 per matrix (a tensor of shape (...)); the `*_sv` variants take singular values instead

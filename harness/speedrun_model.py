@@ -1,4 +1,4 @@
-"""The fork's GPT (reference/fork/train_gpt.py, upstream modded-nanogpt fea4873), CPU-capable.
+"""The fork's GPT (the fork's train_gpt.py, upstream modded-nanogpt fea4873; docs/REFERENCE.md), CPU-capable.
 
 What it is, in the fork's terms (figures from its code; the code here is ours):
 - 11 layers; layer 6 has no attention; every layer has a ReLU² MLP (hidden 4*dim).
@@ -35,7 +35,7 @@ sizes in tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from base import UserError
 from data.packed import PackedTrainLoader, packed_val_batches
 from data.shards import find_shards, read_header
 from harness import dist as hdist
 from harness.config import Config
-from harness.errors import UserError
 from harness.optim import Optimizers
 from harness.speedrun_model import SpeedrunFeatures, SpeedrunGPT
 from harness.speedrun_schedule import ForwardSchedule, ForwardState

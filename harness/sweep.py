@@ -16,15 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from base import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNS_FAILED, UserError
 from harness.config import RUN_ID_PATTERN
-from harness.errors import UserError
 from harness.runlog import log_path
 from harness.runs import sweep_manifest_path
 from harness.sweep_local import launch_prefix, marked_processes
 from harness.sweep_manifest import ACTIVE, Manifest, RunRecord, read_run_log
 from harness.sweep_spec import RunPlan, SweepSpec, expand, resolved_config, run_id_for, timestamp, validate_run
-
-EXIT_OK, EXIT_RUNS_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def _command(plan: RunPlan, run_id: str, log_dir: str, python: str, use_torchrun: str, resume: str | None = None) -> list[str]:

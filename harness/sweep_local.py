@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from harness.errors import UserError
+from base import UserError
 from harness.sweep_manifest import Manifest, RunRecord, record_outcome
 
 POLL_S = 0.2

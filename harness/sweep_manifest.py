@@ -12,22 +12,18 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from base import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, atomic_write
 from harness.runlog import RunLog, log_path, read_log
 from harness.runs import sweep_manifest_path
 
 FORMAT = 1
 ACTIVE = ("running", "submitted")
 OUTCOMES = ("finished", "diverged", "failed", "interrupted", "preempted")
-EXIT_DIVERGED = 3
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -95,7 +91,7 @@ class Manifest:
             "launcher_pid": self.launcher_pid,
             "runs": [r.to_json() for r in self.runs],
         }
-        write_json_atomic(self.path, doc)
+        atomic_write(self.path, json.dumps(doc, indent=1) + "\n")
 
     @classmethod
     def load(cls, log_dir: str | os.PathLike, sweep_id: str) -> "Manifest":
@@ -114,20 +110,6 @@ class Manifest:
                        launcher_pid=doc.get("launcher_pid"), runs=runs)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: not a sweep manifest of this launcher ({type(e).__name__}: {e})") from None
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------

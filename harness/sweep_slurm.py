@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness.errors import UserError
+from base import UserError
 from harness.sweep_local import launch_prefix, torchrun_prefix
 from harness.sweep_manifest import Manifest, RunRecord, record_outcome
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from base import UserError
 from harness.config import RUN_ID_PATTERN, field_names, load_config, parse_value, script_overrides, validate
-from harness.errors import UserError
 
 LAUNCHER_KEYS = ("script", "nproc", "seeds", "tag", "baseline")
 OWNED_FIELDS = ("run_id", "seed", "log_dir", "resume")

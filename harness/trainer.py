@@ -29,13 +29,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from base import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, dir_write_error
 from data.loader import DistributedTokenLoader, val_batches
 from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
 from harness.config import Config, load_config, validate
 from harness.diagnostics import SpectralDiagnostics
-from harness.errors import UserError, dir_write_error
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
@@ -44,10 +44,6 @@ from harness.runlock import RunLock
 from harness.runlog import RunLogWriter, log_path
 from harness.runinfo import environment, project_sources
 from harness.schedule import Schedule
-
-EXIT_DIVERGED = 3
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 0  # a pre-empted run stopped cleanly; its log ends in status:preempted step:N
 
 
 @dataclass

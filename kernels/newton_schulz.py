@@ -16,10 +16,11 @@ import os
 
 import torch
 
-from harness.errors import UserError
+from base import UserError
+from kernels.interpreter import triton_interpreting
 
 # Polar express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): 5 iterations computed
-# with safety factor 2e-2 and cushion 2 (REFERENCE.md, "Orthogonalization"), one triple per step.
+# with safety factor 2e-2 and cushion 2 (docs/REFERENCE.md, "Orthogonalization"), one triple per step.
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -54,11 +55,6 @@ def ns_coefficients(method: str, steps: int) -> list[tuple[float, float, float]]
     if method == "quintic":
         return [QUINTIC_COEFFS] * steps
     return [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
-
-
-def triton_interpreting() -> bool:
-    """True when TRITON_INTERPRET is set the way Triton itself reads it (then kernels run on CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

@@ -21,8 +21,8 @@ import contextlib
 
 import torch
 
-from harness.errors import UserError
-from kernels.newton_schulz import triton_interpreting
+from base import UserError
+from kernels.interpreter import triton_interpreting
 
 try:
     import triton

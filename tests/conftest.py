@@ -6,8 +6,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The project is importable where `make venv` installed it (pip install -e .). A clone tested
+# without that install: pytest's rootdir gives this process the repository, and PYTHONPATH gives
+# it to the scripts the tests start (python bench/x.py, torchrun train_gpt.py, ...).
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def pytest_collection_modifyitems(config, items):

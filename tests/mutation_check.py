@@ -189,7 +189,7 @@ MUTATIONS: list[Mutation] = [
       'f"--watch {args.watch}: the refresh interval must be > 0 seconds"', '"the refresh interval must be > 0 seconds"',
       (T + "test_monitor_runs.py::test_bad_arguments_are_one_line_errors",),
       "the error no longer names the option and value"),
-    M("cli/plot_baseline_no_allowed", "plot_loss.py",
+    M("cli/plot_baseline_no_allowed", "harness/plots.py",
       "no such group (groups by {group_by}: {', '.join(sorted(groups))})", "no such group",
       (T + "test_plot_loss.py::test_cli_errors",), "the error no longer lists the groups allowed"),
     M("cli/corpus_missing_no_path", "data/prepare_corpus.py",

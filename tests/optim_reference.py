@@ -78,7 +78,7 @@ def reference_spectral_mul(cfg, role: str) -> float:
 
 
 def reference_muon_matrix(W, g, state, *, lr, momentum, cfg, role, ns_dtype=torch.float32, unit_scale=1.0):
-    """A plain single-matrix implementation of the documented update (REFERENCE.md, the fork's
+    """A plain single-matrix implementation of the documented update (docs/REFERENCE.md, the fork's
     rules), with ORD when cfg.ord: rho = <G,W>/||W||^2 on the momentum gradient G, Polar of
     G - s G_par (interpolated) or G - G_par (projected), optionally re-projected, s G_par added
     back before or after NorMuon (divided by unit_scale in mean units)."""

@@ -7,13 +7,10 @@ argument; rank 0 saves the stepped weights to OUT/<flag set>.pt.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from harness import dist as hdist  # noqa: E402
-from optim_reference import FLAG_SETS, run_against_reference  # noqa: E402
+from harness import dist as hdist
+from optim_reference import FLAG_SETS, run_against_reference
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from checkpoint_runs import TINY
+from base import UserError
 from harness import checkpoint as ck
 from harness.config import Config
-from harness.errors import UserError
 from harness.runlog import read_log
 from harness.trainer import main
 

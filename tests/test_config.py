@@ -1,8 +1,8 @@
 import re
 import pytest
 
+from base import UserError
 from harness.config import PRESETS, Config, config_from_dict, load_config, validate
-from harness.errors import UserError
 
 
 def test_preset_env_flag_priority():

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+from base import UserError
 from data.prepare_corpus import prepare_corpus, split_train_val
 from data.shards import find_shards, open_shard
 from data.tokenizer import EOT, gpt2_encoding
-from harness.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from base import UserError
 from data.cached_fineweb10B import REPO_ID, download_fineweb, shard_names
 from data.shards import HEADER_BYTES, read_header, write_shard
-from harness.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from base import UserError
 from data.loader import DistributedTokenLoader, ValidationLoader, val_batches
 from data.shards import write_shard
-from harness.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS, VOCAB = 50256, 50257

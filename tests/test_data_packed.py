@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fork_model_reference as fr
+from base import UserError
 from data.packed import BOS_ID, PackedTrainLoader, bigram_hash, pack_spans, packed_val_batches
 from data.shards import write_shard
-from harness.errors import UserError
 
 DOC_LENS = [4, 6, 3, 10, 5, 4, 7, 3]  # each starts with BOS; doc k holds 100k+1, 100k+2, ...
 

@@ -12,7 +12,7 @@ from data.shards import (
     read_header,
     write_shard,
 )
-from harness.errors import UserError
+from base import UserError
 
 
 def test_round_trip(tmp_path):

@@ -13,7 +13,6 @@ MATRICES = {f"blocks.{i}.{m}" for i in range(2) for m in
 
 TWIN_RUNS = """
 import sys
-sys.path.insert(0, {root!r})
 from harness import dist as hdist
 from harness.trainer import main
 common = {common!r}
@@ -33,7 +32,7 @@ def test_two_rank_diagnostics_lines_and_identical_losses(tmp_path, shards_dir):
     common = SMALL + ["--log_dir", str(tmp_path / "logs"), "--train_files", str(shards_dir / "local_train_*.bin"),
                       "--val_files", str(shards_dir / "local_val_*.bin")]
     script = tmp_path / "twin_runs.py"
-    script.write_text(TWIN_RUNS.format(root=str(ROOT), common=common))
+    script.write_text(TWIN_RUNS.format(common=common))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script)],

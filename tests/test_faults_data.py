@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from data.shards import read_header
 from fault_mounts import fill, read_only_dir, small_tmpfs
@@ -125,7 +124,7 @@ def test_an_old_build_with_a_foreign_file_is_not_replaced(tmp_path):
 def test_fineweb_dir_read_only(tmp_path):
     with read_only_dir(tmp_path / "fw") as d:
         r = subprocess.run([PY, "data/cached_fineweb10B.py", "1", "--dir", str(d)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                           text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     one_error(r, f"--dir {d}", "Read-only file system")
 
 
@@ -133,5 +132,5 @@ def test_fineweb_dir_is_a_file(tmp_path):
     f = tmp_path / "fw"
     f.write_text("x")
     r = subprocess.run([PY, "data/cached_fineweb10B.py", "1", "--dir", str(f)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                       text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     one_error(r, "is a file, not a directory")

@@ -10,7 +10,6 @@ fork's code is absent (a user's clone).
 from __future__ import annotations
 
 import ast
-import math
 import types
 
 import pytest

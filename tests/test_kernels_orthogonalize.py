@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from harness.errors import UserError
+from base import UserError
 from kernels import POLAR_EXPRESS_COEFFS, QUINTIC_COEFFS, ns_coefficients, orthogonalize
 
 
 def naive_reference(G: torch.Tensor, coeffs) -> torch.Tensor:
-    """The iteration exactly as REFERENCE.md writes it, one matrix at a time, in float64."""
+    """The iteration exactly as docs/REFERENCE.md writes it, one matrix at a time, in float64."""
     outs = []
     for M in G.reshape(-1, *G.shape[-2:]).double():
         tall = M.shape[0] > M.shape[1]

@@ -14,7 +14,7 @@ import torch
 
 INTERPRETER_SCRIPT = r'''
 import json, torch
-from harness.errors import UserError
+from base import UserError
 from kernels import orthogonalize
 from kernels import triton_kernels as tk
 
@@ -148,7 +148,7 @@ def test_package_imports_without_triton(repo_root):
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from harness.errors import UserError\n"
+        "from base import UserError\n"
         "from kernels import orthogonalize, triton_kernels\n"
         "assert not triton_kernels.HAVE_TRITON\n"
         "assert orthogonalize(torch.randn(4, 6)).shape == (4, 6)\n"

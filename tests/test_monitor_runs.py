@@ -19,7 +19,6 @@ import pytest
 from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 import monitor_runs
-from harness.errors import UserError
 from harness.runlog import RunLogWriter
 
 ROOT = Path(__file__).resolve().parents[1]

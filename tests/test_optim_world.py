@@ -6,7 +6,6 @@ groups (8 and 2 matrices) with zero matrices. The weights must also agree across
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch

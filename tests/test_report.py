@@ -38,7 +38,7 @@ def test_every_section_and_summary_row(quick_report):
     for i, start in enumerate(["Gradient effective rank", "The small classification study", "Rank manipulation",
                                "Gradient signal-to-noise", "Update/weight alignment", "The ORD sweep"], 1):
         assert heads[i].startswith(f"{i}. {start}"), heads
-    summary = text.split("## Summary", 1)[1].split("**Against REFERENCE.md**", 1)[0]
+    summary = text.split("## Summary", 1)[1].split("**Against docs/REFERENCE.md**", 1)[0]
     rows = [line for line in summary.splitlines() if line.startswith("| (") or line.startswith("| ORD")]
     assert [r.split("|")[1].strip()[:9] for r in rows] == ["(1) Does ", "(2) Do Ad", "(3) Does ", "(4) Which",
                                                            "ORD: does", "ORD: is P"]

@@ -7,7 +7,7 @@ from harness.schedule import Schedule
 
 
 def expected_speedrun(step: int) -> tuple[float, int]:
-    # REFERENCE.md: S = 1560, E = 40, boundaries round(1560/3) = 520 and round(2*1560/3) = 1040,
+    # docs/REFERENCE.md: S = 1560, E = 40, boundaries round(1560/3) = 520 and round(2*1560/3) = 1040,
     # cooldown from c = int(1560 * (1 - 0.55)) down to 0.1 at 1560, then the extension at 0.1.
     # In floating point 1 - 0.55 = 0.44999999999999996, so c = int(701.99999...) = 701, as
     # modded-nanogpt's own code computes it.

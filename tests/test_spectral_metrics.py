@@ -1,4 +1,4 @@
-"""Each spectral metric against hand-computed cases (REFERENCE.md, "Spectral metrics")."""
+"""Each spectral metric against hand-computed cases (docs/REFERENCE.md, "Spectral metrics")."""
 
 import math
 

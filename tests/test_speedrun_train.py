@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fork_model_reference as fr
+from base import UserError
 from harness.config import load_config
-from harness.errors import UserError
 from harness.speedrun_model import SpeedrunGPT
 from harness.speedrun_schedule import FORK_STAGES, ForwardSchedule, ForwardState
 from train_utils import error_lines, log_of, run_train

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from base import atomic_write
 from harness.runlog import log_path, read_log
 from harness.sweep import baseline_loss, exit_status, summary_table
 from harness.sweep_local import pick_gpus, plan_starts
-from harness.sweep_manifest import Manifest, RunRecord, outcome, write_json_atomic
+from harness.sweep_manifest import Manifest, RunRecord, outcome
 from harness.runlog import parse_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
     assert [r.to_json() for r in back.runs] == [r.to_json() for r in m.runs]
     assert json.loads(m.path.read_text())["runs"][-1]["final_val_loss"] == "nan"
     assert [p.name for p in m.path.parent.iterdir()] == ["s-1.json"]
-    write_json_atomic(m.path, {"x": 1})
+    atomic_write(m.path, json.dumps({"x": 1}))
     assert json.loads(m.path.read_text()) == {"x": 1}
 
 

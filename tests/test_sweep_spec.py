@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from base import UserError
 from harness.config import script_overrides, RUN_ID_PATTERN, load_config
-from harness.errors import UserError
 from harness.sweep import create_sweep
 from harness.sweep_spec import SweepSpec, apply_flags, expand, load_sweep_file, run_id_for, value_text
 
@@ -26,7 +26,7 @@ def test_spectral_lr_toml_is_the_seed_experiment(tmp_path):
     spec = load_sweep_file(ROOT / "sweeps/spectral_lr.toml")
     m = create_sweep(spec, repo_root=ROOT, log_dir=str(tmp_path), max_runs=200)
     by_tag = {r.tag: r for r in m.runs}
-    # the fork's grid (reference/fork/SPECTRAL_SWEEP_FINAL.md) and its tags
+    # the fork's grid (the fork's SPECTRAL_SWEEP_FINAL.md; docs/REFERENCE.md, "The ORD experiment") and its tags
     assert list(by_tag) == ["baseline_std", "spectral_lr_0", "spectral_lr_0.01", "spectral_lr_0.1", "spectral_lr_0.5",
                             "spectral_lr_1"]
     assert by_tag["baseline_std"].script == "train_gpt.py" and by_tag["baseline_std"].baseline

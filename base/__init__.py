@@ -1,0 +1,26 @@
+"""The ground floor: what every other part of the project shares, importing nothing of ours.
+
+    from base import UserError, run_cli, atomic_write, EXIT_USER_ERROR
+
+errors.py      UserError (bad input: one line naming what, where and what is allowed) and
+               run_cli (a command's `if __name__ == "__main__"`: `error: ...` and exit 2)
+exit_codes.py  the exit codes of the trainer, the launcher and the commands
+files.py       atomic_write (temp file in the same directory, then os.replace) and
+               dir_write_error (is a directory writable, checked before any real output)
+"""
+
+from base.errors import UserError, run_cli
+from base.exit_codes import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_RUNS_FAILED,
+    EXIT_USER_ERROR,
+)
+from base.files import atomic_write, dir_write_error, temp_path_for
+
+__all__ = [
+    "UserError", "run_cli", "atomic_write", "dir_write_error", "temp_path_for",
+    "EXIT_OK", "EXIT_RUNS_FAILED", "EXIT_USER_ERROR", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
+]

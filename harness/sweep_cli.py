@@ -1,0 +1,166 @@
+"""Launch a sweep of training runs: locally (sequential, --parallel K, or packed onto GPUs) or
+on Slurm; survive failed runs; resume; print a summary, best first, against the baseline.
+
+    python launch_lr_sweep.py sweeps/spectral_lr.toml                  # the seed experiment
+    python launch_lr_sweep.py --grid spectral_lr_mul=0,0.02,0.05,0.1,0.5,1 --seeds 0,1,2 \\
+        --script train_gpt_muon_new.py --tag spectral_lr --baseline train_gpt.py --nproc 8
+    python launch_lr_sweep.py sweeps/tiny_ord.toml --parallel 2        # CPU
+    python launch_lr_sweep.py sweeps/spectral_lr.toml --slurm --partition gpu --time 02:00:00
+    python launch_lr_sweep.py --resume spectral_lr-20260101-120000     # rerun what did not finish
+    python launch_lr_sweep.py ... --dry-run                            # print every command
+
+Every run is validated (unknown field, bad value, batch arithmetic) before the first starts.
+The manifest logs/sweeps/<sweep_id>.json records each run's command, run id, status, exit code
+and final val loss. Exit status: 0 all runs finished, 1 some did not, 2 bad input, 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from base import UserError
+from harness.sweep import create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
+from harness.sweep_local import LocalExecutor, detect_gpus
+from harness.sweep_manifest import Manifest
+from harness.sweep_slurm import SlurmExecutor, SlurmOptions, queued_states, require_slurm
+from harness.sweep_spec import DEFAULT_MAX_RUNS, SweepSpec, apply_flags, load_sweep_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch_lr_sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("sweep_file", nargs="?", help="a sweep TOML file (sweeps/*.toml)")
+    d = p.add_argument_group("declaring runs (on top of the file, or alone)")
+    d.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="a grid axis (repeat for a cartesian product); list fields: items joined by ':'")
+    d.add_argument("--seeds", help="comma-separated seeds for every run (default 0)")
+    d.add_argument("--script", help="training script of the --grid runs (default train_gpt.py)")
+    d.add_argument("--tag", help="tag prefix of the --grid runs (tags are TAG_<value>)")
+    d.add_argument("--baseline", action="append", default=[], metavar="SCRIPT",
+                   help="add baseline runs with this script and the shared settings")
+    d.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config value shared by every run")
+    d.add_argument("--preset", help="config preset of every run")
+    d.add_argument("--nproc", type=int, help="processes (GPUs) per run and node")
+    d.add_argument("--name", help="sweep name (the sweep id is NAME-<timestamp>)")
+    d.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS, help="refuse grids larger than this (default 200)")
+    d.add_argument("--log-dir", default="logs", help="run logs and logs/sweeps/ manifests (default logs)")
+    x = p.add_argument_group("executing")
+    x.add_argument("--dry-run", action="store_true", help="print every command (or sbatch script) and exit")
+    x.add_argument("--parallel", type=int, help="runs at once (CPU default 1; GPU default: as many as fit)")
+    x.add_argument("--gpus", help="GPUs to pack runs onto: comma-separated ids, or 'none' (default: detected)")
+    x.add_argument("--torchrun", choices=("auto", "always"), default=None,
+                   help="auto: plain python for 1-process runs; always: torchrun even then")
+    x.add_argument("--grace", type=float, default=None, help="seconds runs get to stop after Ctrl-C (default 20)")
+    x.add_argument("--python", default=sys.executable, help="Python that runs the trainer (default: this one)")
+    s = p.add_argument_group("Slurm")
+    s.add_argument("--slurm", action="store_true", help="one sbatch job per run")
+    s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    s.add_argument("--time", help="job time limit, e.g. 02:00:00 (SIGTERM --signal-s before it: checkpoint)")
+    s.add_argument("--nodes", type=int, help="nodes per run (default 1)")
+    s.add_argument("--gpus-per-node", type=int, help="default: the run's nproc; 0 for CPU nodes")
+    s.add_argument("--signal-s", type=int, help="seconds before the time limit to send SIGTERM (default 120)")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG", help="an extra #SBATCH argument")
+    s.add_argument("--poll", type=float, help="seconds between squeue polls (default 10)")
+    s.add_argument("--no-wait", action="store_true", help="submit and exit; --resume ID later waits and summarizes")
+    r = p.add_argument_group("resuming")
+    r.add_argument("--resume", metavar="SWEEP_ID", help="rerun the runs of this sweep that have no finished log")
+    r.add_argument("--keep-diverged", action="store_true", help="with --resume: keep diverged runs as results")
+    r.add_argument("--summary", metavar="SWEEP_ID", help="print the summary of a sweep from its logs and exit")
+    return p
+
+
+def _slurm_options(args, saved: dict) -> SlurmOptions:
+    base = SlurmOptions(**{k: v for k, v in saved.items() if k in SlurmOptions.__dataclass_fields__})
+    for name, attr in (("partition", "partition"), ("time", "time"), ("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"),
+                       ("signal_s", "signal_s"), ("poll", "poll_s")):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(base, attr, value)
+    if args.sbatch_arg:
+        base.extra = list(args.sbatch_arg)
+    base.wait = not args.no_wait  # per call: a --resume of a --no-wait sweep waits unless told otherwise
+    if base.nodes < 1:
+        raise UserError(f"--nodes {base.nodes}: must be >= 1")
+    return base
+
+
+def _gpus(args) -> list[str]:
+    if args.gpus is None:
+        return detect_gpus()
+    if args.gpus.strip().lower() in ("none", ""):
+        return []
+    return [g.strip() for g in args.gpus.split(",") if g.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    log_dir = str(Path(args.log_dir).resolve())
+    if args.summary:
+        manifest = Manifest.load(log_dir, args.summary)
+        refresh_from_logs(manifest)
+        print(summary_table(manifest))
+        return exit_status(manifest, True)
+
+    executor_saved: dict = {}
+    if args.resume:
+        if args.sweep_file or args.grid or args.baseline:
+            raise UserError("--resume SWEEP_ID takes no sweep file, --grid or --baseline (the manifest has the runs)")
+        manifest = Manifest.load(log_dir, args.resume)
+        executor_saved = manifest.executor
+        slurm = args.slurm or executor_saved.get("kind") == "slurm"
+        opts = _slurm_options(args, executor_saved.get("slurm", {})) if slurm else None
+        use_torchrun = args.torchrun or executor_saved.get("torchrun", "auto")
+        todo = plan_resume(manifest, python=args.python, use_torchrun=use_torchrun, keep_diverged=args.keep_diverged,
+                           nodes=opts.nodes if opts else 1, slurm_active=queued_states if slurm else None)
+        manifest.argv = argv
+    else:
+        spec = load_sweep_file(args.sweep_file) if args.sweep_file else SweepSpec()
+        apply_flags(spec, sets=args.set, grids=args.grid, seeds=args.seeds, script=args.script, tag=args.tag,
+                    baselines=args.baseline, preset=args.preset, nproc=args.nproc, name=args.name)
+        slurm = args.slurm
+        opts = _slurm_options(args, {}) if slurm else None
+        use_torchrun = args.torchrun or "auto"
+        manifest = create_sweep(spec, repo_root=REPO_ROOT, log_dir=log_dir, max_runs=args.max_runs, python=args.python,
+                                use_torchrun=use_torchrun, nodes=opts.nodes if opts else 1, argv=argv)
+        todo = list(manifest.runs)
+
+    if slurm:
+        executor = SlurmExecutor(manifest, REPO_ROOT, opts, python=args.python)
+        manifest.executor = {"kind": "slurm", "slurm": opts.to_json(), "torchrun": use_torchrun}
+    else:
+        gpus = _gpus(args) if args.gpus is not None or not executor_saved.get("gpus") else list(executor_saved["gpus"])
+        parallel = args.parallel if args.parallel is not None else executor_saved.get("parallel", None if gpus else 1)
+        if parallel is not None and parallel < 1:
+            raise UserError(f"--parallel {parallel}: must be >= 1")
+        grace = args.grace if args.grace is not None else executor_saved.get("grace", 20.0)
+        if not (grace >= 0 and grace < float("inf")):
+            raise UserError(f"--grace {grace:g}: must be a finite number of seconds >= 0")
+        executor = LocalExecutor(manifest, REPO_ROOT, parallel=parallel, gpus=gpus, grace_s=grace)
+        manifest.executor = {"kind": "local", "parallel": parallel, "gpus": gpus, "grace": grace, "torchrun": use_torchrun}
+
+    if args.dry_run:
+        print(dry_run_text(manifest, executor.script_for if slurm else None))
+        return 0
+    if slurm:
+        require_slurm()
+    else:
+        executor.check(todo)
+    print(f"sweep {manifest.sweep_id}: {len(todo)} run(s) to do of {len(manifest.runs)}; manifest {manifest.path}; "
+          f"run outputs in {manifest.run_dir}/", flush=True)
+    manifest.save()
+    completed = executor.run(todo) if todo else True
+    manifest.save()
+    if slurm and not opts.wait:
+        print(f"submitted; follow with: python monitor_runs.py --sweep {manifest.sweep_id}; "
+              f"summary: python launch_lr_sweep.py --resume {manifest.sweep_id}")
+        return 0
+    refresh_from_logs(manifest)
+    manifest.save()
+    print()
+    print(summary_table(manifest))
+    return exit_status(manifest, completed)
