@@ -33,7 +33,7 @@ from data.loader import DistributedTokenLoader, val_batches
 from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
-from harness.config import Config, load_config, validate
+from harness.config import Config, config_env, load_config, validate
 from harness.diagnostics import SpectralDiagnostics
 from harness.errors import UserError, dir_write_error
 from harness.malloc import keep_freed_memory
@@ -174,6 +174,9 @@ class Trainer:
         path = log_path(cfg.log_dir, cfg.run_id)
         env = environment(self.info)
         smi = env.pop("_nvidia_smi", None)
+        # the config fields this run took from environment variables (none: flags and preset only)
+        from_env = config_env(os.environ, cfg.ord)
+        env["config_env"] = ",".join(f"{k}={'_'.join(v.split())}" for k, v in from_env.items()) or "none"
         if self.resumed_step is not None and path.exists():
             # the same run goes on in the same log; the parser drops what was logged after the
             # checkpoint. A line cut by the kill is ended first so it cannot swallow ours.
@@ -392,6 +395,10 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     except UserError as e:
         _print_error(str(e))
         return EXIT_USER_ERROR
+    from_env = config_env(os.environ, cfg.ord)
+    if from_env and info.is_main:  # a stray SEED or DTYPE in a shell must not change a run unseen
+        print(f"note: config from the environment: {' '.join(f'{k}={v}' for k, v in from_env.items())}",
+              file=sys.stderr)
     if info.device.type == "cpu":
         keep_freed_memory()
     trainer: Trainer | None = None
