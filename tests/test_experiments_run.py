@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from experiments import digits_comparison, gradient_rank, gradient_snr, ns_analysis, rank_manipulation
 from experiments import weight_update_dynamics
