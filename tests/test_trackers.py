@@ -257,3 +257,35 @@ def test_plot_loss_to_tensorboard_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {tmp_path / 'tb' / 'syn'}"
     assert _tb_scalars(tmp_path / "tb" / "syn")["val_loss"] == {0: 10.5, 4: 8.25}
+
+
+def test_tracker_failing_mid_run_leaves_the_run_whole(tmp_path, shards_dir, monkeypatch, capsys):
+    # the real TensorBoard sink, in a real (in-process) run, failing from step 3 on
+    pytest.importorskip("tensorboard", reason="tensorboard not installed (requirements-trackers.txt)")
+    from harness import trackers, trainer
+    from train_utils import SMALL
+
+    real_step = trackers.TensorBoardSink.step
+
+    def flaky(self, rec):
+        if rec.step >= 3:
+            raise OSError(5, "Input/output error")
+        real_step(self, rec)
+
+    monkeypatch.setattr(trackers.TensorBoardSink, "step", flaky)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    code = trainer.main("train_gpt.py", [*SMALL, "--log_dir", str(tmp_path / "logs"), "--run_id", "run",
+                                         "--train_files", str(shards_dir / "local_train_*.bin"),
+                                         "--val_files", str(shards_dir / "local_val_*.bin"),
+                                         "--trackers", "tensorboard"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("warning: tracker")]
+    assert warned == ["warning: tracker tensorboard failed (OSError: [Errno 5] Input/output error); it is dropped,"
+                      " the run and its text log go on"]
+    log = log_of(tmp_path)
+    assert log.status == "finished" and [r.step for r in log.train_steps] == [1, 2, 3, 4, 5, 6]
+    # what reached TensorBoard before the failure is the log's
+    tb = _tb_scalars(tmp_path / "logs" / "trackers" / "tensorboard" / "run")
+    assert tb["train_loss"] == {r.step: _f32(r.train_loss) for r in log.train_steps if r.step < 3}
