@@ -135,14 +135,18 @@ class TensorBoardSink(Sink):
 
 
 class TrackioSink(Sink):
-    """trackio's local store: `<directory>/<project>.db` (TRACKIO_DIR; `trackio show`)."""
+    """trackio's local store: `<directory>/<project>.db` (TRACKIO_DIR; `trackio show`). A
+    resumed run continues the same trackio run (same name)."""
 
     name = "trackio"
 
     def __init__(self, directory: str | os.PathLike, project: str, run_name: str,
                  config: dict[str, Any] | None = None, group: str | None = None, resume: bool = False):
-        # trackio reads TRACKIO_DIR when it is first imported
+        # trackio reads TRACKIO_DIR when it is first imported; local only: a Space, server or
+        # bucket named in the environment is not used from here (`trackio sync` publishes later)
         os.environ["TRACKIO_DIR"] = str(Path(directory).resolve())
+        for key in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID"):
+            os.environ.pop(key, None)
         import trackio
 
         if Path(trackio.utils.TRACKIO_DIR).resolve() != Path(directory).resolve():
@@ -173,13 +177,17 @@ class TrackioSink(Sink):
 class WandbSink(Sink):
     """A Weights & Biases run in offline mode: `<directory>/wandb/offline-run-*` (never online
     from here; `wandb sync` uploads it later). Every metric is plotted against `step` (the
-    log's), so diag lines logged after their step's train line are kept."""
+    log's), so diag lines logged after their step's train line are kept. A resumed run is a new
+    offline run of the same name."""
 
     name = "wandb"
 
     def __init__(self, directory: str | os.PathLike, project: str, run_name: str,
                  config: dict[str, Any] | None = None, group: str | None = None):
+        # nothing leaves the machine: offline mode, and no error reports / telemetry of its own
+        # (read when wandb starts its service process, at the first init)
         os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_ERROR_REPORTING"] = "false"
         import wandb
 
         Path(directory).mkdir(parents=True, exist_ok=True)
