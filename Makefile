@@ -11,9 +11,10 @@ NPROC ?= 2
 
 .PHONY: demo test report venv system-deps
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-trackers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-trackers.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -3,6 +3,7 @@
     python plot_loss.py                                # the runs in logs/
     python plot_loss.py logs/ other/run.txt --group-by spectral_lr_mul --out reports/plots --svg
     python plot_loss.py logs/ --x time --last 200 --baseline baseline
+    python plot_loss.py logs/ --to-tensorboard runs/tb        # event files instead (tensorboard --logdir runs/tb)
 
 Figures (PNG; SVG too with --svg), each skipped with a note when no run has its data:
 - val_loss_step / val_loss_time: val loss of every run, coloured by group, the seeds of a group
@@ -664,6 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, metavar="LOSS",
                    help="speedrun statistics against this val loss (e.g. 3.28): per group n, mean, std, one-sided"
                         " t-test p (H1: mean < LOSS), (LOSS - mean)*sqrt(n) >= 0.004; per run the step/time to LOSS")
+    p.add_argument("--to-tensorboard", metavar="DIR", help="instead of figures: TensorBoard event files of the logs in DIR, one folder per run (needs tensorboard)")
     args = p.parse_args(argv)
     if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
         raise UserError(f"--target {args.target}: must be a positive, finite val loss (e.g. 3.28)")
@@ -674,6 +676,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.to_tensorboard:
+        from harness.trackers import logs_to_tensorboard
+
+        for d in logs_to_tensorboard(args.paths or ["logs"], args.to_tensorboard):
+            print(f"wrote {d}")
+        return 0
     runs = load_runs(args.paths or ["logs"])
     check_out_dir(args.out)
     report = make_report(runs, args.group_by, args.out, x=args.x, last=args.last, svg=args.svg, baseline=args.baseline,

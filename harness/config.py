@@ -156,6 +156,12 @@ class Config:
     diverge_ratio: float = 1.2
     diverge_patience: int = 2  # validations in a row above diverge_ratio x the first that end the run
 
+    # --- experiment trackers (optional; the text log stays the source of truth) ------------
+    # also send the log's step/val/diag/status records to these (comma-separated): tensorboard | trackio | wandb (offline); empty = none
+    trackers: list[str] = field(default_factory=list)
+    tracker_dir: str = ""  # folder of the trackers' files (<dir>/tensorboard/<run_id>, ...); empty = <log_dir>/trackers
+    tracker_project: str = "muon-harness"  # project name of the run in trackio and wandb
+
     # --- derived helpers ------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
@@ -258,10 +264,17 @@ def parse_value(name: str, text: str, source: str) -> Any:
     if typing.get_origin(tp) is list:
         (elem,) = typing.get_args(tp)
         parts = text.split(",")
+        if not text.strip() and _empty_list_default(name):
+            return []  # e.g. --trackers "": none
         if not text.strip() or any(not p.strip() for p in parts):
             raise UserError(f"{source}: {name}={text!r} is not a comma-separated list of {elem.__name__} (empty item)")
         return [_parse_scalar(name, elem, p, source) for p in parts]
     return _parse_scalar(name, tp, text, source)
+
+
+def _empty_list_default(name: str) -> bool:
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return f.default_factory is not dataclasses.MISSING and f.default_factory() == []
 
 
 def _parse_mapping(name: str, tp: Any, text: str, source: str) -> dict[str, Any]:
@@ -359,6 +372,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
            "auto, bfloat16, float16 or float32")
     _check(cfg.ns_method in ("polar_express", "quintic"), "ns_method", cfg.ns_method, "polar_express or quintic")
     _validate_ord(cfg)
+    _validate_trackers(cfg)
     n_stages = 4
     _check(len(cfg.batch_sizes) == n_stages, "batch_sizes", cfg.batch_sizes,
            "four values: tokens per step for the three scheduled stages and the extension")
@@ -421,6 +435,16 @@ def _validate_ord(cfg: Config) -> None:
     _check(cfg.ord_units in ("fork", "mean"), "ord_units", cfg.ord_units, "fork or mean")
     _check(cfg.ord_placement in ("after_norm", "before_norm"), "ord_placement", cfg.ord_placement,
            "after_norm or before_norm")
+
+
+def _validate_trackers(cfg: Config) -> None:
+    from harness.trackers import TRACKERS
+
+    for name in cfg.trackers:
+        _check(name in TRACKERS, "trackers", ",".join(cfg.trackers), f"each one of {', '.join(TRACKERS)}")
+    _check(len(set(cfg.trackers)) == len(cfg.trackers), "trackers", ",".join(cfg.trackers), "each tracker once")
+    _check(bool(RUN_ID_PATTERN.match(cfg.tracker_project)) and ".." not in cfg.tracker_project, "tracker_project",
+           cfg.tracker_project, "letters, digits and . _ = + , @ - only (no '/', no '..')")
 
 
 def _validate_adam_overrides(overrides: Mapping[str, float]) -> None:
@@ -533,7 +557,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (list, tuple)):
-        return ",".join(format_value(v) for v in value)
+        return ",".join(format_value(v) for v in value) or '""'
     if isinstance(value, dict):
         return ",".join(f"{k}={format_value(v)}" for k, v in value.items()) or '""'
     if value is None or value == "":

@@ -197,6 +197,14 @@ class Trainer:
         if self.resumed_step is not None:  # resumed from a checkpoint whose log is not here
             self.log.resumed(self.resumed_step)
 
+    def attach_trackers(self) -> None:
+        """The experiment trackers of --trackers (rank 0), fed by the run log's own records."""
+        if self.log is None or not self.cfg.trackers:
+            return
+        from harness.trackers import open_sinks
+
+        self.log.listeners.append(open_sinks(self.cfg, self.config_record(), self.resumed_step))
+
     def config_record(self) -> dict[str, Any]:
         record = self.cfg.to_dict()
         record["world_size"] = self.info.world_size
@@ -406,6 +414,10 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     stop = StopRequest().install()
     try:
         validate(cfg, world_size=info.world_size)
+        if cfg.trackers:  # a missing tracker package stops every rank before any work
+            from harness.trackers import check_available
+
+            check_available(cfg.trackers)
         token_map = resolve_vocab(cfg)
         data = data_fingerprint(cfg)
         resume = _load_resume(cfg, info, data) if cfg.resume else None
@@ -432,6 +444,7 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
         if resume is not None:
             trainer.restore(resume[1], resume[0])
         trainer.open_log(project_sources(script))
+        hdist.on_main_agreed(info, trainer.attach_trackers)  # a tracker that cannot start stops every rank
         code = trainer.run()
     except UserError as e:
         if trainer and trainer.log:
