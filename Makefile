@@ -12,9 +12,10 @@ NPROC ?= 2
 
 .PHONY: demo test lint report venv system-deps
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-trackers.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-trackers.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

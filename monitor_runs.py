@@ -4,9 +4,12 @@
     python monitor_runs.py logs/ --watch 5       # refresh in place every 5 s until all runs end
     python monitor_runs.py --sweep lr1 --watch 10
     python monitor_runs.py --once --format json  # for scripts (also csv)
+    python monitor_runs.py --once --format json --target 3.28   # steps/time to a val loss
 
 One row per run: status, progress, last train loss, last and best val loss, step_avg, elapsed
-training time, ETA; then the groups (by tag) compared at a common step. Each refresh reads only
+training time, ETA; then the groups (by tag) compared at a common step. json and csv also give,
+per run, steps_to_target and time_to_target_ms: the step and train time of its first validation
+at or below --target (default 3.28, the short track's), null/empty when it has not got there. Each refresh reads only
 what was appended to each log since the last one.
 
 Status: the log's status line (finished, diverged, failed, preempted, interrupted); otherwise a
@@ -27,6 +30,7 @@ import time
 from typing import Any, Sequence
 
 from base import UserError, run_cli
+from harness.speedrun_stats import DEFAULT_TARGET
 from harness.runs import (
     ENDED,
     STALE_FACTOR,
@@ -49,7 +53,7 @@ STATUS_STYLE = {
 CSV_FIELDS = [
     "run_id", "tag", "status", "step", "total", "progress", "train_loss", "val_loss", "val_step",
     "best_val_loss", "best_val_step", "final_val_loss", "step_avg_ms", "elapsed_s", "eta_s",
-    "last_write", "seed", "script", "path", "notes",
+    "last_write", "seed", "script", "path", "target", "steps_to_target", "time_to_target_ms", "notes",
 ]
 
 
@@ -163,7 +167,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stale-min", type=float, default=STALE_MIN_S, metavar="SECONDS",
                    help=f"a run with no status line is stale after max(this, factor x step_avg) without a write (default {STALE_MIN_S:g})")
     p.add_argument("--stale-factor", type=float, default=STALE_FACTOR, help=f"(default {STALE_FACTOR:g})")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET, metavar="LOSS",
+                   help=f"json/csv: steps_to_target and time_to_target_ms, the first validation at or below LOSS (default {DEFAULT_TARGET:g})")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.target) and args.target > 0):
+        raise UserError(f"--target {args.target}: must be a positive, finite val loss (e.g. 3.28)")
     if args.watch is not None and (args.once or args.format != "table"):
         raise UserError("--watch shows the live table; --once/--format json|csv print once (choose one)")
     if args.watch is not None and not args.watch > 0:
@@ -225,7 +233,7 @@ def watch(mon: Monitor, interval: float) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     mon = Monitor(args.paths, filter_text=args.filter, sweep=args.sweep,
-                  stale_min_s=args.stale_min, stale_factor=args.stale_factor)
+                  stale_min_s=args.stale_min, stale_factor=args.stale_factor, target=args.target)
     if args.watch is None:
         print_once(mon, args.format)
     else:

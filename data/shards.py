@@ -113,18 +113,23 @@ def check_vocab(tokens, vocab_size: int, path: str | os.PathLike) -> None:
         )
 
 
+def used_token_ids(files) -> np.ndarray:
+    """The token ids that occur in ``files``, ascending: compact_vocab's model id i is ids[i]."""
+    seen = np.zeros(2 ** 16, dtype=bool)
+    for f in files:
+        tokens = open_shard(f)
+        for a in range(0, len(tokens), 1 << 24):  # bounded memory on big shards
+            seen |= np.bincount(np.asarray(tokens[a:a + (1 << 24)]), minlength=2 ** 16) > 0
+    return np.flatnonzero(seen)
+
+
 def compact_vocab(files) -> tuple[np.ndarray, int]:
     """(table, V): the token ids that occur in ``files``, renumbered 0..V-1 in id order.
 
     ``table`` maps every uint16 id to its new id (ids that never occur map to 0). No token is
     merged, so a model trained on renumbered ids learns the same task with a smaller embedding
     and head: on a CPU the 50304-row head is most of a small GPT's cost."""
-    seen = np.zeros(2 ** 16, dtype=bool)
-    for f in files:
-        tokens = open_shard(f)
-        for a in range(0, len(tokens), 1 << 24):  # bounded memory on big shards
-            seen |= np.bincount(np.asarray(tokens[a:a + (1 << 24)]), minlength=2 ** 16) > 0
-    ids = np.flatnonzero(seen)
+    ids = used_token_ids(files)
     table = np.zeros(2 ** 16, dtype=np.int64)
     table[ids] = np.arange(len(ids))
     return table, len(ids)

@@ -31,17 +31,17 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
 @dataclass
 class Config:
     # --- identity -------------------------------------------------------------------------
-    preset: str = "tiny"
-    run_id: str = ""  # empty: derived from tag/script and the start time
+    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | speedrun (the fork's 8xH100 run)
+    run_id: str = ""  # the run's name (log and checkpoint file names); empty: from tag/script and the time
     tag: str = ""  # a human label; readers group by it (never by parsing the run id)
-    seed: int = 0
+    seed: int = 0  # seed of the model init and the data order
     script: str = ""  # the entry script that ran (set by the entry point)
-    log_dir: str = "logs"
+    log_dir: str = "logs"  # folder of the text run log (logs/<run_id>.txt)
 
     # --- data -----------------------------------------------------------------------------
-    train_files: str = "data/local/local_train_*.bin"
-    val_files: str = "data/local/local_val_*.bin"
-    val_tokens: int = 32768
+    train_files: str = "data/local/local_train_*.bin"  # glob of the training token shards
+    val_files: str = "data/local/local_val_*.bin"  # glob of the validation token shards
+    val_tokens: int = 32768  # tokens per validation (over all ranks)
     align_bos: bool = False  # start every training sequence at a document start (BOS)
     # renumber the ids that occur in the train+val shards to 0..V-1 and set vocab_size to V
     # padded to 128: the same text and task with a smaller head (CPU studies; see data.shards)
@@ -49,18 +49,18 @@ class Config:
 
     # --- model ----------------------------------------------------------------------------
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
-    num_layers: int = 4
-    model_dim: int = 256
-    num_heads: int = 4
-    mlp_ratio: int = 4
-    seq_len: int = 256
+    num_layers: int = 4  # transformer blocks
+    model_dim: int = 256  # residual stream width
+    num_heads: int = 4  # attention heads (head_dim = model_dim / num_heads)
+    mlp_ratio: int = 4  # MLP hidden width over model_dim
+    seq_len: int = 256  # tokens per training sequence
     window_size: int = 0  # sliding-window attention span in tokens; 0 = full causal
-    rope: bool = True
-    rope_base: float = 10000.0
-    qk_norm: bool = True
-    logit_softcap: float = 15.0  # 0 disables the soft-cap
+    rope: bool = True  # rotary position embeddings on q and k
+    rope_base: float = 10000.0  # RoPE frequency base
+    qk_norm: bool = True  # RMS-normalise q and k before attention
+    logit_softcap: float = 15.0  # tanh soft-cap of the logits, softcap * tanh(z / softcap); 0 = off
     value_embeds: bool = False  # three vocabulary-sized tables: off in the CPU preset for speed
-    unet_skips: bool = True
+    unet_skips: bool = True  # U-net skip connections from the first half of the blocks to the second
     # which model: gpt (harness/model.py, the fields above) | speedrun (the fork's GPT,
     # harness/speedrun_model.py: num_layers/model_dim/num_heads/vocab_size above, seq_len = the
     # document cut, and the fields below; its trainer is harness/speedrun_train.py)
@@ -73,47 +73,49 @@ class Config:
     dtype: str = "auto"  # activation dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
 
     # --- batch, schedule and validation ---------------------------------------------------
+    # tokens per step over all ranks, per batch-size stage (4 stages)
     batch_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 4096, 4096])
-    lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
-    num_scheduled_iterations: int = 60
-    num_extension_iterations: int = 6
-    cooldown_frac: float = 0.5
-    lr_decay_final: float = 0.1
+    lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # LR multiplier per batch-size stage
+    num_scheduled_iterations: int = 60  # steps of the LR schedule (with its cooldown)
+    num_extension_iterations: int = 6  # extra steps after it at the final LR multiplier
+    cooldown_frac: float = 0.5  # fraction of the scheduled steps over which the LR cools down linearly
+    lr_decay_final: float = 0.1  # LR multiplier at the end of the cooldown
     device_batch_tokens: int = 2048  # tokens per forward pass on one rank; more means grad accumulation
-    val_loss_every: int = 20
+    val_loss_every: int = 20  # validate every N steps (0: only at the start and the end)
     val_loss_last_steps: int = 0  # in the last N steps, validate every val_loss_every_last steps
-    val_loss_every_last: int = 0
-    grad_clip: float = 0.0  # 0 = off
+    val_loss_every_last: int = 0  # validation interval in the last val_loss_last_steps steps
+    grad_clip: float = 0.0  # clip the global norm of the averaged gradients to this; 0 = off
 
     # --- optimizer (the fork's rules: docs/REFERENCE.md "Optimizer"; harness/optim.py) ----------
-    muon_lr: float = 0.05
-    muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85
-    muon_momentum_warmup_steps: int = 300
-    muon_momentum_cooldown_steps: int = 50
+    muon_lr: float = 0.05  # Muon's base learning rate
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum after warm-up
+    muon_momentum_start: float = 0.85  # Muon's momentum at step 0 (and at the end of its cooldown)
+    muon_momentum_warmup_steps: int = 300  # steps of the momentum's linear warm-up
+    muon_momentum_cooldown_steps: int = 50  # last steps over which the momentum goes back down
     # decoupled decay by wd * lr * lr_eff (proportional to the LR squared, as the fork)
     muon_wd: float = 0.0
     cautious_wd: bool = False  # decay only where the update and the weight agree in sign
     # the MLP output projection's LR factor on top of the shape factor (the fork's 2x: 4x in all)
     muon_lr_mul_mlp_proj: float = 2.0
-    normuon: bool = True
-    normuon_beta2: float = 0.95
-    ns_method: str = "polar_express"
-    ns_steps: int = 5
+    normuon: bool = True  # NorMuon: per-neuron second-moment normalisation of the orthogonalized update
+    normuon_beta2: float = 0.95  # NorMuon's second-moment decay
+    ns_method: str = "polar_express"  # orthogonalization: polar_express | quintic (Newton-Schulz)
+    ns_steps: int = 5  # orthogonalization iterations
     ns_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32
     # Adam: base LR, eps and weight decay; per-label betas and LR / WD multipliers from the fork's
     # table (harness/optim.py ADAM_TABLE), changed by adam_overrides "LABEL.KEY=V,..." with KEY one
     # of lr_mul, wd_mul, beta1, beta2 and LABEL a parameter label or * for all. The CPU default
     # keeps the tiny recipe that predates the fork's table (embedding LR 0.3, betas 0.8/0.95, no
     # decay, every step); the speedrun preset is the fork's.
-    adam_lr: float = 0.008
-    adam_eps: float = 1e-10
-    adam_wd: float = 0.0
+    adam_lr: float = 0.008  # Adam's base learning rate (x each label's lr_mul)
+    adam_eps: float = 1e-10  # Adam's eps (added to sqrt(v) before the bias correction, as the fork)
+    adam_wd: float = 0.0  # Adam's base weight decay (x each label's wd_mul; cautious, x lr^2)
+    # changes to the fork's Adam table: LABEL.KEY=V,... (KEY lr_mul|wd_mul|beta1|beta2, LABEL or *)
     adam_overrides: dict[str, float] = field(
         default_factory=lambda: {"embed.lr_mul": 37.5, "*.beta1": 0.8, "*.beta2": 0.95})
     adam_every: int = 1  # 2: Adam steps on odd steps with two steps' gradients summed (the fork); 1: every step
     tied_embed: bool = False  # embed and head tied until the first (odd) step of embed_split_stage
-    embed_split_stage: int = 2
+    embed_split_stage: int = 2  # batch-size stage at whose first odd step tied_embed unties
 
     # --- ORD (train_gpt_muon_new.py) ------------------------------------------------------
     ord: bool = False  # set by train_gpt_muon_new.py
@@ -121,7 +123,7 @@ class Config:
     spectral_lr_mul: float | None = None
     spectral_lr_mul_attn: float | None = None  # s for the attention matrices (default: spectral_lr_mul)
     spectral_lr_mul_mlp: float | None = None  # s for the MLP matrices (default: spectral_lr_mul)
-    spectral_proj_eps: float = 1e-12
+    spectral_proj_eps: float = 1e-12  # eps in rho = <G,W> / (||W||^2 + eps)
     # interpolated: Polar(G - s G_par) (the fork); projected: Polar(G - G_par) whatever s
     ord_form: str = "interpolated"
     # fork: G_par in the fork's gradient units (sum loss x grad_scale); mean: in mean-loss units
@@ -130,18 +132,18 @@ class Config:
     ord_reproject: bool = False  # project Polar's output onto W's orthogonal complement too
 
     # --- diagnostics ----------------------------------------------------------------------
-    diag_every: int = 0  # 0 = off
+    diag_every: int = 0  # spectral diagnostics of the Muon matrices every N steps (diag lines); 0 = off
     diag_sample: int = 0  # 0 = every Muon matrix; N = a fixed random sample of N matrices
     diag_topk: int = 8  # k of the top-k singular subspaces compared in the alignment metric
-    diag_embed_head: bool = False
+    diag_embed_head: bool = False  # also measure the embedding and the head
     diag_spectra: bool = False  # also write full singular-value spectra to logs/<run_id>.spectra.npz
 
     # --- checkpoints ----------------------------------------------------------------------
-    save_every: int = 0
-    save_final: bool = False
-    keep_last: int = 2
-    checkpoint_dir: str = "checkpoints"
-    resume: str = ""  # PATH | latest
+    save_every: int = 0  # write a checkpoint every N steps (0: off)
+    save_final: bool = False  # write a checkpoint at the end
+    keep_last: int = 2  # checkpoints kept per run (older ones removed)
+    checkpoint_dir: str = "checkpoints"  # folder of checkpoints (<checkpoint_dir>/<run_id>/step_N.pt)
+    resume: str = ""  # resume from a checkpoint: PATH, or latest (the newest of this run id)
 
     # --- faults and guards (issue 19) -----------------------------------------------------
     # process-group timeout of every collective, in seconds; 0 = auto: 300 on CPU, 1800 on
@@ -152,7 +154,13 @@ class Config:
     # diverge_patience validations in a row ends as status:diverged (0 = rule off). A
     # non-finite loss ends it at once, whatever these say.
     diverge_ratio: float = 1.2
-    diverge_patience: int = 2
+    diverge_patience: int = 2  # validations in a row above diverge_ratio x the first that end the run
+
+    # --- experiment trackers (optional; the text log stays the source of truth) ------------
+    # also send the log's step/val/diag/status records to these (comma-separated): tensorboard | trackio | wandb (offline); empty = none
+    trackers: list[str] = field(default_factory=list)
+    tracker_dir: str = ""  # folder of the trackers' files (<dir>/tensorboard/<run_id>, ...); empty = <log_dir>/trackers
+    tracker_project: str = "muon-harness"  # project name of the run in trackio and wandb
 
     # --- derived helpers ------------------------------------------------------------------
     @property
@@ -256,10 +264,17 @@ def parse_value(name: str, text: str, source: str) -> Any:
     if typing.get_origin(tp) is list:
         (elem,) = typing.get_args(tp)
         parts = text.split(",")
+        if not text.strip() and _empty_list_default(name):
+            return []  # e.g. --trackers "": none
         if not text.strip() or any(not p.strip() for p in parts):
             raise UserError(f"{source}: {name}={text!r} is not a comma-separated list of {elem.__name__} (empty item)")
         return [_parse_scalar(name, elem, p, source) for p in parts]
     return _parse_scalar(name, tp, text, source)
+
+
+def _empty_list_default(name: str) -> bool:
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    return f.default_factory is not dataclasses.MISSING and f.default_factory() == []
 
 
 def _parse_mapping(name: str, tp: Any, text: str, source: str) -> dict[str, Any]:
@@ -357,6 +372,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
            "auto, bfloat16, float16 or float32")
     _check(cfg.ns_method in ("polar_express", "quintic"), "ns_method", cfg.ns_method, "polar_express or quintic")
     _validate_ord(cfg)
+    _validate_trackers(cfg)
     n_stages = 4
     _check(len(cfg.batch_sizes) == n_stages, "batch_sizes", cfg.batch_sizes,
            "four values: tokens per step for the three scheduled stages and the extension")
@@ -421,6 +437,16 @@ def _validate_ord(cfg: Config) -> None:
            "after_norm or before_norm")
 
 
+def _validate_trackers(cfg: Config) -> None:
+    from harness.trackers import TRACKERS
+
+    for name in cfg.trackers:
+        _check(name in TRACKERS, "trackers", ",".join(cfg.trackers), f"each one of {', '.join(TRACKERS)}")
+    _check(len(set(cfg.trackers)) == len(cfg.trackers), "trackers", ",".join(cfg.trackers), "each tracker once")
+    _check(bool(RUN_ID_PATTERN.match(cfg.tracker_project)) and ".." not in cfg.tracker_project, "tracker_project",
+           cfg.tracker_project, "letters, digits and . _ = + , @ - only (no '/', no '..')")
+
+
 def _validate_adam_overrides(overrides: Mapping[str, float]) -> None:
     from harness.params import ADAM_LABELS
 
@@ -452,15 +478,128 @@ def env_name(name: str) -> str:
     return name.upper()
 
 
+# Fixed by the entry script (train_gpt.py, train_gpt_muon_new.py): neither flags nor env vars.
+ENTRY_FIELDS = ("script", "ord")
+
+
+def config_env(env: Mapping[str, str], ord_on: bool, quiet: bool = True) -> dict[str, str]:
+    """The environment variables that set config fields for this run ({NAME: text}): a field's
+    UPPER_SNAKE name, less torchrun's variables, PRESET (read first, on its own) and the entry
+    script's fields. ORD variables count only for the ORD script: as the fork's train_gpt.py,
+    one shell drives both scripts, so an ORD variable is not a standard run's business (a note
+    says so unless quiet; a flag is, and is refused in validate)."""
+    out = {}
+    for name in field_names():
+        key = env_name(name)
+        if key in _RESERVED_ENV or name == "preset" or name in ENTRY_FIELDS or key not in env:
+            continue
+        if name in ORD_FIELDS and not ord_on:
+            if not quiet:
+                print(f"note: env {key} ignored: train_gpt.py runs standard Muon", file=sys.stderr)
+            continue
+        out[key] = env[key]
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's help, from the dataclass itself (the one source): the comment on the field's
+    line, else the comment lines right above it (section rules `# ---` excluded)."""
+    return {name: doc for name, (doc, _) in _field_comments().items()}
+
+
+def _field_comments() -> dict[str, tuple[str, str]]:
+    """{field: (help, section)} read from this file's Config class: its comments and its
+    `# --- section ---` rules."""
+    import ast
+    import io
+    import tokenize
+
+    text = Path(__file__).read_text()
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    cls = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    out: dict[str, tuple[str, str]] = {}
+    section, last = "", cls.lineno
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        for ln in range(last, node.lineno):
+            if ln in comments and comments[ln].startswith("---"):
+                section = comments[ln].strip("- ")
+        above, line = [], node.lineno - 1
+        while line in comments and line not in code_lines and not comments[line].startswith("---"):
+            above.insert(0, comments[line])
+            line -= 1
+        trailing = [comments[ln] for ln in range(node.lineno, node.end_lineno + 1) if ln in comments]
+        # a comment on the field's line is its own; a block above may speak for a group
+        out[node.target.id] = (" ".join(trailing or above).strip(), section)
+        last = node.end_lineno + 1
+    return out
+
+
+def _default_text(name: str) -> str:
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    text = f"default {format_value(default)}"
+    for preset, values in PRESETS.items():
+        if name in values and values[name] != default:
+            text += f"; {preset} preset {format_value(values[name])}"
+    return text
+
+
+def format_value(value: Any) -> str:
+    """A value as its flag text (lists and dicts comma-separated, booleans 0|1)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value) or '""'
+    if isinstance(value, dict):
+        return ",".join(f"{k}={format_value(v)}" for k, v in value.items()) or '""'
+    if value is None or value == "":
+        return '""' if value == "" else "none"
+    return str(value)
+
+
+SCRIPT_DESCRIPTIONS = {
+    "train_gpt.py": "Train a GPT with NorMuon on the hidden matrices and Adam on the rest (the standard run).",
+    "train_gpt_muon_new.py": "The standard run with Orthogonal-Radial Decomposition inside Muon: rho = <G,W>/||W||^2,"
+                             " G_par = rho W, orthogonalize G - s G_par, NorMuon, then add s G_par"
+                             " (s = --spectral_lr_mul, 1.0 by default here).",
+}
+
+
 def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    """The flags of every config field, grouped by the dataclass's sections, each with its help
+    and default (from the dataclass and the presets)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, usage="%(prog)s [--preset NAME] [--FIELD VALUE ...]",
+        description=description or SCRIPT_DESCRIPTIONS.get(prog or "", SCRIPT_DESCRIPTIONS["train_gpt.py"]),
+        epilog="Sources, lowest to highest priority: the preset (--preset or PRESET), environment variables"
+               " named after a field in UPPER_SNAKE case (e.g. SEED=1; printed at start-up and recorded in"
+               " the log's env line as config_env), then flags. Lists are comma-separated; a boolean flag"
+               " alone means 1.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    comments = _field_comments()
     for name, tp in _field_types().items():
+        if name in ENTRY_FIELDS:
+            continue
+        doc, section = comments.get(name, ("", ""))
+        hidden = name in ORD_FIELDS and prog == "train_gpt.py"  # refused there: not offered
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section or "other"))
         base, _ = _base_type(tp)
+        help_text = f"{doc or name.replace('_', ' ')} ({_default_text(name)})".replace("%", "%%")
         if base is bool:
             # `--flag` alone means true; `--flag 0` also works (for sweeps that pass values)
-            parser.add_argument(f"--{name}", nargs="?", const="1", default=None, metavar="0|1")
+            group.add_argument(f"--{name}", nargs="?", const="1", default=None, metavar="0|1",
+                               help=argparse.SUPPRESS if hidden else help_text)
         else:
-            parser.add_argument(f"--{name}", default=None, metavar=name.upper())
+            group.add_argument(f"--{name}", default=None, metavar=name.upper(),
+                               help=argparse.SUPPRESS if hidden else help_text)
     return parser
 
 
@@ -485,16 +624,8 @@ def load_config(
     for name, value in PRESETS[preset].items():
         values[name] = _coerce(name, value, f"preset {preset}")
     ord_on = bool((overrides or {}).get("ord"))
-    for name in field_names():
-        key = env_name(name)
-        if key in _RESERVED_ENV or name == "preset" or key not in env:
-            continue
-        if name in ORD_FIELDS and not ord_on:
-            # as the fork's train_gpt.py: one shell drives both scripts, so an ORD variable in the
-            # environment is not this run's business (a flag is, and is refused in validate)
-            print(f"note: env {key} ignored: train_gpt.py runs standard Muon", file=sys.stderr)
-            continue
-        values[name] = parse_value(name, env[key], f"env {key}")
+    for key, text in config_env(env, ord_on, quiet=False).items():
+        values[key.lower()] = parse_value(key.lower(), text, f"env {key}")
     for name, text in flag_values.items():
         if name != "preset":
             values[name] = parse_value(name, text, f"flag --{name}")

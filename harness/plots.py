@@ -2,7 +2,8 @@
 behind `plot_loss.py` (its command line) and `experiments.report`.
 
 load_runs, final_loss_table, format_markdown, write_csv, plot_val_loss, plot_schedules,
-plot_ord, plot_eff_rank, plot_final_bars; plot_loss.make_report draws them all at once.
+plot_ord, plot_eff_rank, plot_final_bars; the figures themselves (matplotlib Figure objects)
+from val_loss_figure and final_bars_figure; plot_loss.make_report draws them all at once.
 """
 
 from __future__ import annotations
@@ -92,13 +93,41 @@ def resolve_baseline(runs: Sequence[RunLog], group_by: str, baseline: str | None
     return baseline
 
 
+MANY_LINES = 10  # more groups than this: colours from a continuous colour map, not a cycle
+
+
+def _group_order(names: Iterable[str]) -> list[str]:
+    """Group names in order: numerically where all are numbers (a sweep's values), else by name."""
+    names = sorted(set(names))
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return names
+
+
 def group_colors(names: Iterable[str]) -> dict[str, Any]:
-    """One stable colour per group (sorted names), the same in every figure."""
+    """One stable colour per group, the same in every figure: tab10 for up to 10 groups; more
+    groups (a sweep) take evenly spaced colours of a continuous map, in the groups' order
+    (numeric where the names are numbers), so no two share a colour."""
     import matplotlib
 
-    names = sorted(set(names))
-    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    names = _group_order(names)
+    if len(names) <= MANY_LINES:
+        cmap = matplotlib.colormaps["tab10"]
+        return {n: cmap(i) for i, n in enumerate(names)}
+    cmap = matplotlib.colormaps["viridis"]
+    return {n: cmap(0.92 * i / (len(names) - 1)) for i, n in enumerate(names)}  # the top end is too pale
+
+
+def legend_outside(fig: Figure, ax, fontsize: float = 8) -> Any:
+    """A legend to the right of the axes, outside them, so it never covers a curve (kept in the
+    saved file by bbox_inches="tight"); several columns when the labels are many."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    ncol = 1 + len(labels) // 25
+    return ax.legend(handles, labels, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     borderaxespad=0.0, ncol=ncol, frameon=False)
 
 
 def _finite(x: Any) -> bool:
@@ -243,19 +272,33 @@ def plot_val_loss(
     x: str = "step",
     last: int | None = None,
     svg: bool = False,
+    target: float | None = None,
 ) -> list[Path]:
     """Val loss against step or training time: full run (log y) and a zoom on the final part."""
+    fig = val_loss_figure(runs, group_by, x=x, last=last, target=target)
+    return [] if fig is None else save_figure(fig, out_dir, f"val_loss_{x}", svg)
+
+
+def val_loss_figure(
+    runs: Sequence[RunLog],
+    group_by: str = "tag",
+    x: str = "step",
+    last: int | None = None,
+    target: float | None = None,
+) -> Figure | None:
+    """The figure of plot_val_loss (None when no run has a validation). The legend sits right of
+    the zoomed panel, outside both; `target` draws the target loss as a dashed line."""
     if x not in ("step", "time"):
         raise UserError(f"--x {x}: must be step or time")
     groups = {g: m for g, m in group_runs(runs, group_by).items() if any(_val_curve(r)[0].size for r in m)}
     if not groups:
-        return []
+        return None
     colors = group_colors(groups)
     fig = Figure(figsize=(13, 5.2))
     ax_full, ax_zoom = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
     curves = []  # (x, y) of every drawn mean line, for the zoom limits
     ends = []  # last step of each curve
-    for name in sorted(groups):
+    for name in _group_order(groups):
         members = groups[name]
         steps, t, v, sd, n = group_band(members)
         xs = steps if x == "step" else t
@@ -288,13 +331,20 @@ def plot_val_loss(
         ax_zoom.set_ylim(lo - pad, hi + pad)
     ax_zoom.set_xlim(x_lo, x_end + 0.01 * max(x_end, 1e-9))
     ax_zoom.set_title(f"final part ({'last %d steps' % last if last is not None else 'last quarter of each run'})")
+    if target is not None:
+        for ax in (ax_full, ax_zoom):
+            ax.axhline(target, color="0.3", ls="--", lw=1.0, label=f"target {target:g}" if ax is ax_zoom else None)
+        if in_win.size:  # keep the target in view when it sits just outside the final part's range
+            lo, hi = ax_zoom.get_ylim()
+            if lo - 0.5 * (hi - lo) <= target < lo:
+                ax_zoom.set_ylim(target - 0.05 * (hi - target), hi)
     for ax in (ax_full, ax_zoom):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("val loss")
         ax.grid(True, which="both", alpha=0.3)
-    ax_full.legend(fontsize=8, loc="upper right")
+    legend_outside(fig, ax_zoom)
     fig.suptitle(f"validation loss by {group_by} (band: mean ± std over runs)")
-    return save_figure(fig, out_dir, f"val_loss_{x}", svg)
+    return fig
 
 
 def _series(run: RunLog, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -329,14 +379,14 @@ def plot_schedules(runs: Sequence[RunLog], group_by: str = "tag", out_dir: str |
                 same[2].append(name)
             else:
                 drawn.append((s, v, [name]))
-        for s, v, names in drawn:
+        for s, v, names in sorted(drawn, key=lambda d: _group_order(groups).index(d[2][0])):
             label = ", ".join(names) if len(names) <= 4 else f"{names[0]} and {len(names) - 1} more"
             ax.plot(s, v, color=colors[names[0]], lw=1.5, label=label, drawstyle="steps-post")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.set_title({"lr_mul": "LR multiplier", "batch_size": "batch size (tokens)"}[key])
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    legend_outside(fig, axes[-1])  # the groups share a legend: one, right of the last panel
     return save_figure(fig, out_dir, "schedules", svg)
 
 
@@ -387,7 +437,8 @@ def plot_ord(runs: Sequence[RunLog], out_dir: str | os.PathLike = "reports/plots
             ax.set_title(f"{metric} per layer")
             ax.grid(True, alpha=0.3)
             if len(layers) <= 16:
-                ax.legend(fontsize=6, ncol=2)
+                if ax is axes[-1]:  # the layers are the same in both panels: one legend, outside
+                    legend_outside(fig, ax, fontsize=6)
             else:
                 ax.text(0.99, 0.01, f"{len(layers)} layers, dark = first", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
         fig.suptitle(f"ORD diagnostics: {run.name}")
@@ -415,17 +466,33 @@ def plot_eff_rank(runs: Sequence[RunLog], out_dir: str | os.PathLike = "reports/
     return out
 
 
-def plot_final_bars(rows: Sequence[FinalLossRow], out_dir: str | os.PathLike = "reports/plots", svg: bool = False) -> list[Path]:
-    """The final-loss table as bars (mean, std error bar, every run as a dot), best first."""
+def bar_baseline(rows: Sequence[FinalLossRow]) -> tuple[float, float]:
+    """(bottom, top) of the final-loss bar chart's y axis. Final losses differ in the 3rd decimal,
+    so the bars do not start at 0: they start a little below the lowest of (mean - std) and the
+    single runs, and the top leaves room above the highest (mean + std) for the labels."""
+    errs = [r.std if math.isfinite(r.std) else 0.0 for r in rows]
+    lo = min(min(min(r.values), r.mean - e) for r, e in zip(rows, errs))
+    hi = max(max(max(r.values), r.mean + e) for r, e in zip(rows, errs))
+    pad = max(0.15 * (hi - lo), 0.003)
+    return lo - pad, hi + 2 * pad
+
+
+def final_bars_figure(rows: Sequence[FinalLossRow], target: float | None = None) -> Figure | None:
+    """The final-loss table as bars (mean, seed-std error bar, every run as a dot), best first;
+    bars rise from bar_baseline(rows), not from 0; `target` draws the target loss."""
     if not rows:
-        return []
+        return None
     colors = group_colors(r.group for r in rows)
     fig = Figure(figsize=(max(5.0, 0.9 * len(rows) + 2), 4.5))
     ax = fig.subplots()
     xs = np.arange(len(rows))
     means = np.array([r.mean for r in rows])
     errs = np.array([r.std if math.isfinite(r.std) else 0.0 for r in rows])
-    bars = ax.bar(xs, means, yerr=errs, capsize=4, color=[colors[r.group] for r in rows], alpha=0.85)
+    bottom, top = bar_baseline(rows)
+    if target is not None and bottom - 0.5 * (top - bottom) <= target < bottom:
+        bottom = target - 0.1 * (top - target)  # the target just below the bars: show it
+    bars = ax.bar(xs, means - bottom, bottom=bottom, yerr=errs, capsize=4, color=[colors[r.group] for r in rows],
+                  alpha=0.85, error_kw={"elinewidth": 1.2})
     for bar, r in zip(bars, rows):
         bar.set_edgecolor("black" if r.is_baseline else bar.get_facecolor())
         bar.set_linewidth(2.0 if r.is_baseline else 0.0)
@@ -433,12 +500,19 @@ def plot_final_bars(rows: Sequence[FinalLossRow], out_dir: str | os.PathLike = "
         ax.plot(np.full(len(r.values), i), r.values, "k.", ms=4)
         label = f"n={r.n}" + ("" if r.p_value is None else f"\np={r.p_value:.2g}")
         ax.annotate(label, (i, r.mean + errs[i]), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    lo = min(min(r.values) for r in rows)
-    hi = max(max(max(r.values), r.mean + e) for r, e in zip(rows, errs))
-    pad = max(0.15 * (hi - lo), 0.003)
-    ax.set_ylim(lo - 2 * pad, hi + 2 * pad)  # losses differ in the 3rd decimal: don't start at 0
+    if target is not None and bottom <= target <= top:
+        ax.axhline(target, color="0.3", ls="--", lw=1.0)
+        ax.annotate(f"target\n{target:g}", (1.0, target), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=7, color="0.3")  # right of the axes
+    ax.set_ylim(bottom, top)
     ax.set_xticks(xs, [r.group + (" *" if r.is_baseline else "") for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("final val loss")
-    ax.set_title("final val loss by group (mean ± std; * baseline)")
+    ax.set_title("final val loss by group (mean ± seed std; * baseline)")
     ax.grid(True, axis="y", alpha=0.3)
-    return save_figure(fig, out_dir, "final_loss", svg)
+    return fig
+
+
+def plot_final_bars(rows: Sequence[FinalLossRow], out_dir: str | os.PathLike = "reports/plots", svg: bool = False,
+                    target: float | None = None) -> list[Path]:
+    fig = final_bars_figure(rows, target)
+    return [] if fig is None else save_figure(fig, out_dir, "final_loss", svg)

@@ -136,6 +136,37 @@ class DiagRecord:
 
 
 @dataclass
+class StatusRecord:
+    status: str
+    values: dict[str, float | str]
+
+
+Record = StepRecord | DiagRecord | StatusRecord
+
+
+def parse_record(line: str) -> Record | None:
+    """One step, diag or status line as its record; None for any other line. The same patterns
+    as LogParser's (the trackers are fed through this from the lines the writer wrote)."""
+    if line.startswith("step:"):
+        m = STEP_RE.match(line)
+        if m:
+            return StepRecord(int(m.group(1)), int(m.group(2)), _parse_tokens(m.group(3)))
+    elif line.startswith("diag "):
+        m = DIAG_RE.match(line)
+        if m:
+            values = _parse_tokens(m.group(1))
+            step = values.pop("step", None)
+            layer = values.pop("layer", "")
+            if isinstance(step, float):
+                return DiagRecord(int(step), str(layer), values)
+    elif line.startswith("status:"):
+        m = STATUS_RE.match(line)
+        if m:
+            return StatusRecord(m.group(1), _parse_tokens(m.group(2)))
+    return None
+
+
+@dataclass
 class RunLog:
     """Everything a reader knows about one log; built incrementally by LogParser."""
 
@@ -229,26 +260,16 @@ class LogParser:
             return
         if self._in_sources:
             return
-        if line.startswith("step:"):
-            m = STEP_RE.match(line)
-            if m:
-                rec = StepRecord(int(m.group(1)), int(m.group(2)), _parse_tokens(m.group(3)))
+        if line.startswith(("step:", "diag ", "status:")):
+            rec = parse_record(line)
+            if isinstance(rec, StepRecord):
                 (log.val_steps if "val_loss" in rec.values else log.train_steps).append(rec)
                 return
-        elif line.startswith("diag "):
-            m = DIAG_RE.match(line)
-            if m:
-                values = _parse_tokens(m.group(1))
-                step = values.pop("step", None)
-                layer = values.pop("layer", "")
-                if isinstance(step, float):
-                    log.diags.append(DiagRecord(int(step), str(layer), values))
-                    return
-        elif line.startswith("status:"):
-            m = STATUS_RE.match(line)
-            if m:
-                log.status = m.group(1)
-                log.status_fields = _parse_tokens(m.group(2))
+            if isinstance(rec, DiagRecord):
+                log.diags.append(rec)
+                return
+            if isinstance(rec, StatusRecord):
+                log.status, log.status_fields = rec.status, rec.values
                 return
         elif line.startswith("config: "):
             m = CONFIG_RE.match(line)
@@ -427,6 +448,9 @@ class RunLogWriter:
         self.run_id = run_id
         self.echo = echo
         self.broken: str | None = None  # why the log cannot take more lines
+        # given each step/diag/status record once its line is in the log (harness/trackers.py):
+        # objects with record(rec) and close(); they never see a line the log does not have
+        self.listeners: list[Any] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if append:
@@ -486,6 +510,11 @@ class RunLogWriter:
         self._write_bytes((line.rstrip("\n") + "\n").encode("utf-8", "surrogateescape"))
         if self.echo if echo is None else echo:
             print(line, flush=True)
+        if self.listeners:
+            rec = parse_record(line.rstrip("\n"))
+            if rec is not None:
+                for listener in self.listeners:
+                    listener.record(rec)
 
     def header(self, sources: Iterable[tuple[str, str]], env: dict[str, Any], config: dict[str, Any]) -> None:
         self.write(f"runlog:{FORMAT_VERSION} run_id:{self.run_id}", echo=False)
@@ -553,6 +582,9 @@ class RunLogWriter:
     def close(self) -> None:
         if self._fd < 0:
             return
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.close()
         try:
             if _reserve is not None:
                 os.ftruncate(self._fd, self._size)  # give the reserve back

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 from base import UserError
 from harness.config import ORD_FIELDS as CONFIG_ORD_FIELDS
 from harness.runlog import LogFollower, RunLog, find_logs
+from harness.speedrun_stats import DEFAULT_TARGET, target_hit
 
 STALE_MIN_S = 60.0
 STALE_FACTOR = 10.0
@@ -97,6 +98,9 @@ class RunSummary:
     garbage_lines: int = 0
     partial_line: bool = False
     notes: list[str] = field(default_factory=list)
+    target: float = DEFAULT_TARGET  # the val loss of steps_to_target / time_to_target_ms
+    steps_to_target: int | None = None  # step of the first validation with val loss <= target
+    time_to_target_ms: float | None = None  # its train_time
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,6 +128,7 @@ def summarize(
     now: float | None = None,
     stale_min_s: float = STALE_MIN_S,
     stale_factor: float = STALE_FACTOR,
+    target: float = DEFAULT_TARGET,
 ) -> RunSummary:
     status = run_status(log, last_write, now, stale_min_s, stale_factor)
     cfg = log.config or {}
@@ -157,6 +162,10 @@ def summarize(
             best = min(finite, key=lambda r: r.val_loss)
             s.best_val_loss, s.best_val_step = best.val_loss, best.step
     s.final_val_loss = log.final_val_loss
+    s.target = target
+    hit = target_hit(log, target)
+    if hit is not None:
+        s.steps_to_target, s.time_to_target_ms = hit.step, hit.train_time_ms
     if status == "running" and s.step is not None and s.total and s.step_avg_ms:
         s.eta_s = max(0, s.total - s.step) * s.step_avg_ms / 1000.0
     if s.garbage_lines:
@@ -330,9 +339,10 @@ def summarize_followers(
     stale_factor: float = STALE_FACTOR,
     filter_text: str | None = None,
     sweep_runs: list[dict[str, Any]] | None = None,
+    target: float = DEFAULT_TARGET,
 ) -> list[RunSummary]:
     now = time.time() if now is None else now
-    out = [summarize(f.log, f.last_write, now, stale_min_s, stale_factor) for f in followers]
+    out = [summarize(f.log, f.last_write, now, stale_min_s, stale_factor, target) for f in followers]
     if sweep_runs is not None:
         wanted = {str(r["run_id"]): r for r in sweep_runs}
         out = [s for s in out if s.run_id in wanted]
@@ -340,7 +350,8 @@ def summarize_followers(
         # runs of the sweep with no log yet: the manifest's word on them
         for rid, r in wanted.items():
             if rid not in seen:
-                out.append(RunSummary(run_id=rid, tag=str(r.get("tag") or ""), path="", status=str(r.get("status") or "pending"), notes=["no log yet"]))
+                out.append(RunSummary(run_id=rid, tag=str(r.get("tag") or ""), path="", status=str(r.get("status") or "pending"),
+                                      notes=["no log yet"], target=target))
     if filter_text:
         out = [s for s in out if matches(s, filter_text)]
     return sorted(out, key=lambda s: (s.tag, s.run_id))
@@ -357,8 +368,10 @@ class Monitor:
         sweep: str | None = None,
         stale_min_s: float = STALE_MIN_S,
         stale_factor: float = STALE_FACTOR,
+        target: float = DEFAULT_TARGET,
     ):
         self.tracker = RunTracker(paths)
+        self.target = target
         self.filter_text = filter_text
         self.stale_min_s = stale_min_s
         self.stale_factor = stale_factor
@@ -376,6 +389,7 @@ class Monitor:
             stale_factor=self.stale_factor,
             filter_text=self.filter_text,
             sweep_runs=self.sweep_runs,
+            target=self.target,
         )
         shown = {s.path for s in summaries if s.status in ("finished", "running")}
         compared = [f.log for f in followers if f.path in shown]

@@ -79,6 +79,27 @@ def create_sweep(
     return manifest
 
 
+def check_data(todo: list[RunRecord], repo_root: Path, log_dir: str) -> None:
+    """Every run's training and validation shards exist, checked once per distinct path before
+    any run starts (a missing data directory would otherwise fail every run, one by one).
+    Relative paths are taken from the repository root, where the runs start."""
+    from data.shards import find_shards
+
+    seen: set[tuple[str, str]] = set()
+    for rec in todo:
+        cfg = resolved_config(_plan_of(rec), log_dir)
+        for split, spec in (("train", cfg.train_files), ("val", cfg.val_files)):
+            path = spec if Path(spec).is_absolute() else str(Path(repo_root) / spec)
+            if (split, path) in seen:
+                continue
+            seen.add((split, path))
+            try:
+                find_shards(path, split)
+            except UserError as e:
+                raise UserError(f"run {rec.tag} seed {rec.seed}: {split}_files: {e} (checked before any run"
+                                f" starts)") from None
+
+
 def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchrun: str = "auto",
                 keep_diverged: bool = False, nodes: int = 1, slurm_active: Callable[[list[str]], dict] | None = None) -> list[RunRecord]:
     """The runs to do again. A finished log: kept. A log ending in status:preempted: the same

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from base import UserError
-from harness.sweep import create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
+from harness.sweep import check_data, create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
 from harness.sweep_local import LocalExecutor, detect_gpus
 from harness.sweep_manifest import Manifest
 from harness.sweep_slurm import SlurmExecutor, SlurmOptions, queued_states, require_slurm
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     s.add_argument("--time", help="job time limit, e.g. 02:00:00 (SIGTERM --signal-s before it: checkpoint)")
     s.add_argument("--nodes", type=int, help="nodes per run (default 1)")
-    s.add_argument("--gpus-per-node", type=int, help="default: the run's nproc; 0 for CPU nodes")
+    s.add_argument("--gpus-per-node", type=int, help="default: the run's nproc, none for a CPU preset (tiny); 0 for CPU nodes")
     s.add_argument("--signal-s", type=int, help="seconds before the time limit to send SIGTERM (default 120)")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG", help="an extra #SBATCH argument")
     s.add_argument("--poll", type=float, help="seconds between squeue polls (default 10)")
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run_text(manifest, executor.script_for if slurm else None))
         return 0
+    check_data(todo, REPO_ROOT, log_dir)
     if slurm:
         require_slurm()
     else:

@@ -35,7 +35,7 @@ class SlurmOptions:
     partition: str | None = None
     time: str | None = None  # Slurm's time format, e.g. 02:00:00
     nodes: int = 1
-    gpus_per_node: int | None = None  # None: the run's nproc; 0: CPU nodes
+    gpus_per_node: int | None = None  # None: the run's nproc (0 on a CPU preset); 0: CPU nodes
     signal_s: int = 120
     extra: list[str] = field(default_factory=list)  # more `#SBATCH` arguments, e.g. --qos=high
     poll_s: float = 10.0
@@ -66,9 +66,23 @@ def job_command(rec: RunRecord, trainer_args: Sequence[str], opts: SlurmOptions,
     ])
 
 
+CPU_PRESETS = ("tiny",)  # presets meant for CPU: their jobs request no GPU unless told to
+
+
+def default_gpus(rec: RunRecord) -> int:
+    """GPUs per node when --gpus-per-node is not given: one per process, except for a run on a
+    CPU preset (the sweep's preset field, else PRESET in the environment, else the default)."""
+    import os
+
+    from harness.config import Config
+
+    preset = str(rec.fields.get("preset") or os.environ.get("PRESET") or Config.preset)
+    return 0 if preset in CPU_PRESETS else rec.nproc
+
+
 def sbatch_script(rec: RunRecord, trainer_args: Sequence[str], opts: SlurmOptions, repo_root: Path,
                   output: Path, python: str = sys.executable) -> str:
-    gpus = rec.nproc if opts.gpus_per_node is None else opts.gpus_per_node
+    gpus = default_gpus(rec) if opts.gpus_per_node is None else opts.gpus_per_node
     lines = ["#!/bin/bash", f"#SBATCH --job-name={rec.run_id[-64:]}", f"#SBATCH --output={output}",
              "#SBATCH --open-mode=append", f"#SBATCH --nodes={opts.nodes}", "#SBATCH --ntasks-per-node=1"]
     if opts.partition:

@@ -34,7 +34,7 @@ from data.loader import DistributedTokenLoader, val_batches
 from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
-from harness.config import Config, load_config, validate
+from harness.config import Config, config_env, load_config, validate
 from harness.diagnostics import SpectralDiagnostics
 from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
@@ -170,6 +170,9 @@ class Trainer:
         path = log_path(cfg.log_dir, cfg.run_id)
         env = environment(self.info)
         smi = env.pop("_nvidia_smi", None)
+        # the config fields this run took from environment variables (none: flags and preset only)
+        from_env = config_env(os.environ, cfg.ord)
+        env["config_env"] = ",".join(f"{k}={'_'.join(v.split())}" for k, v in from_env.items()) or "none"
         if self.resumed_step is not None and path.exists():
             # the same run goes on in the same log; the parser drops what was logged after the
             # checkpoint. A line cut by the kill is ended first so it cannot swallow ours.
@@ -189,6 +192,14 @@ class Trainer:
         self.log.write(f"log: {path}")
         if self.resumed_step is not None:  # resumed from a checkpoint whose log is not here
             self.log.resumed(self.resumed_step)
+
+    def attach_trackers(self) -> None:
+        """The experiment trackers of --trackers (rank 0), fed by the run log's own records."""
+        if self.log is None or not self.cfg.trackers:
+            return
+        from harness.trackers import open_sinks
+
+        self.log.listeners.append(open_sinks(self.cfg, self.config_record(), self.resumed_step))
 
     def config_record(self) -> dict[str, Any]:
         record = self.cfg.to_dict()
@@ -388,6 +399,10 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     except UserError as e:
         _print_error(str(e))
         return EXIT_USER_ERROR
+    from_env = config_env(os.environ, cfg.ord)
+    if from_env and info.is_main:  # a stray SEED or DTYPE in a shell must not change a run unseen
+        print(f"note: config from the environment: {' '.join(f'{k}={v}' for k, v in from_env.items())}",
+              file=sys.stderr)
     if info.device.type == "cpu":
         keep_freed_memory()
     trainer: Trainer | None = None
@@ -395,6 +410,10 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     stop = StopRequest().install()
     try:
         validate(cfg, world_size=info.world_size)
+        if cfg.trackers:  # a missing tracker package stops every rank before any work
+            from harness.trackers import check_available
+
+            check_available(cfg.trackers)
         token_map = resolve_vocab(cfg)
         data = data_fingerprint(cfg)
         resume = _load_resume(cfg, info, data) if cfg.resume else None
@@ -421,6 +440,7 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
         if resume is not None:
             trainer.restore(resume[1], resume[0])
         trainer.open_log(project_sources(script))
+        hdist.on_main_agreed(info, trainer.attach_trackers)  # a tracker that cannot start stops every rank
         code = trainer.run()
     except UserError as e:
         if trainer and trainer.log:

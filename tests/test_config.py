@@ -125,3 +125,57 @@ def test_presets_are_valid():
     for name in PRESETS:
         validate(load_config(["--preset", name], env={}))
     assert Config().preset == "tiny"
+
+
+# --- self-documenting flags (issue 18) ---------------------------------------------------------
+
+
+def _help(prog):
+    import contextlib
+    import io
+
+    from harness.config import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser(prog).parse_args(["--help"])
+    return " ".join(out.getvalue().split())  # argparse wraps lines: compare on single spaces
+
+
+def test_every_field_has_help_and_default():
+    from harness.config import ENTRY_FIELDS, ORD_FIELDS, field_docs, field_names
+
+    docs = field_docs()
+    text = _help("train_gpt_muon_new.py")
+    for name in field_names():
+        if name in ENTRY_FIELDS:
+            assert f"--{name} " not in text, name
+            continue
+        assert docs[name] and len(docs[name]) > 8, name
+        assert f"--{name} " in text, name
+    # help and default come from the dataclass: its comment, its default, the presets' values
+    assert "--muon_lr MUON_LR Muon's base learning rate (default 0.05; speedrun preset 0.023)" in text
+    assert "--normuon_beta2 NORMUON_BETA2 NorMuon's second-moment decay (default 0.95)" in text
+    assert "--batch_sizes BATCH_SIZES tokens per step over all ranks, per batch-size stage (4 stages) (default " \
+           "2048,4096,4096,4096; speedrun preset 131072,262144,393216,393216)" in text
+    assert "ORD (train_gpt_muon_new.py):" in text and "Orthogonal-Radial Decomposition" in text
+    # the standard script refuses ORD flags, so it does not offer them
+    std = _help("train_gpt.py")
+    assert all(f"--{name} " not in std for name in ORD_FIELDS) and "--muon_lr " in std
+
+
+def test_entry_script_fields_are_neither_flags_nor_env():
+    with pytest.raises(UserError, match="unknown argument '--ord'"):
+        load_config(["--ord", "1"], env={})
+    with pytest.raises(UserError, match="unknown argument '--script'"):
+        load_config(["--script", "x.py"], env={})
+    cfg = load_config([], env={"ORD": "1", "SCRIPT": "x.py", "SEED": "4"})
+    assert cfg.ord is False and cfg.script == "" and cfg.seed == 4
+
+
+def test_config_env_lists_what_the_environment_set():
+    from harness.config import config_env
+
+    env = {"SEED": "3", "DTYPE": "float32", "RANK": "0", "PRESET": "tiny", "SPECTRAL_LR_MUL": "0.5", "HOME": "/x"}
+    assert config_env(env, ord_on=False) == {"SEED": "3", "DTYPE": "float32"}
+    assert config_env(env, ord_on=True) == {"SEED": "3", "DTYPE": "float32", "SPECTRAL_LR_MUL": "0.5"}

@@ -18,13 +18,7 @@ from kernels import orthogonalize
 INFO = hdist.DistInfo(0, 1, 0, torch.device("cpu"), None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def setup(tmp_path, **kw):

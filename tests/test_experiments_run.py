@@ -8,20 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from experiments import digits_comparison, gradient_rank, gradient_snr, ns_analysis, rank_manipulation
 from experiments import weight_update_dynamics
 from train_utils import ROOT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

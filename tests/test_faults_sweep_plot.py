@@ -48,6 +48,16 @@ def test_negative_grace(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_missing_shards_stop_the_sweep_before_any_run(tmp_path):
+    """A data directory that is not there: one line naming the run and the path, exit 2, and no
+    run started (no run log, no manifest) - not every run failing one after the other."""
+    missing = str(tmp_path / "nodata" / "x_train_*.bin")
+    r = launch(tmp_path, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py", *tiny_sets(2),
+               "--set", f"train_files={missing}")
+    one_error(r, "spectral_lr_mul_0", "train_files", missing, "before any run starts")
+    assert not list((tmp_path / "logs").glob("**/*.txt")) and not list((tmp_path / "logs").glob("sweeps/*.json"))
+
+
 def test_ctrl_c_then_resume_continues_the_same_run_from_its_checkpoint(tmp_path):
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",

@@ -93,7 +93,7 @@ def expected_answers(res: dict) -> list[str]:
         out.append("no")
     else:
         out.append("inconclusive")
-    perp = groups["spectral_lr_0"]
+    perp = groups["polar_gperp"]  # Polar(G_perp) alone
     out.append("worse" if sig(perp, +1) else "better" if sig(perp, -1) else "inconclusive")
     return out
 
@@ -109,7 +109,7 @@ def _scenario(rank: tuple, manip: dict, ord_groups: dict, vs_perp: dict):
     spread = max(max(v) - min(v) for v in manip.values())
     clear = {m: abs(mean[m] - mean["full"]) > 2 * spread for m in manip if m != "full"}
     rm = dict(final_val_loss=manip, mean=mean, spread=spread, clear=clear, best=min(mean, key=mean.get))
-    groups = {g: dict(n=2, mean=mu, std=0.01, delta=None if g == "standard" else mu - ord_groups["standard"][0],
+    groups = {g: dict(n=2, mean=mu, std=0.01, delta=None if g == "baseline_std" else mu - ord_groups["baseline_std"][0],
                       p=p, values=[mu, mu]) for g, (mu, p) in ord_groups.items()}
     sig = lambda d, sign: [t for t, g in d.items() if g["p"] is not None and g["p"] < 0.05 and g["delta"] * sign > 0]  # noqa: E731
     by_mean = sorted(groups, key=lambda g: groups[g]["mean"])
@@ -127,22 +127,22 @@ MANIP_NOISE = {"full": [3.0, 3.1], "low_rank": [3.05, 3.08], "orthonormal": [2.9
 
 @pytest.mark.parametrize("scenario, want", [
     (_scenario((100, 80, 100, 98, 120), MANIP_CLEAR,
-               {"standard": (3.0, None), "spectral_lr_0": (3.1, 0.01), "spectral_lr_0.5": (2.9, 0.02), "spectral_lr_1": (3.05, 0.3)},
+               {"baseline_std": (3.0, None), "polar_gperp": (3.1, 0.01), "spectral_lr_0.5": (2.9, 0.02), "spectral_lr_1": (3.05, 0.3)},
                {"spectral_lr_0.5": dict(delta=-0.2, p=0.01), "spectral_lr_1": dict(delta=-0.05, p=0.2)}),
      ["yes", "yes", "yes", "equalizing the spectrum (helps under Adam) and cutting the rank (hurts)", "yes, at m = 0.5",
       "worse"]),
     (_scenario((100, 95, 100, 100, 120), MANIP_NOISE,
-               {"standard": (3.0, None), "spectral_lr_0": (3.0, 0.9), "spectral_lr_0.5": (3.01, 0.4), "spectral_lr_1": (3.2, 0.01)},
+               {"baseline_std": (3.0, None), "polar_gperp": (3.0, 0.9), "spectral_lr_0.5": (3.01, 0.4), "spectral_lr_1": (3.2, 0.01)},
                {"spectral_lr_0.5": dict(delta=0.01, p=0.6), "spectral_lr_1": dict(delta=0.2, p=0.01)}),
      ["no", "no", "inconclusive", "inconclusive", "inconclusive", "inconclusive"]),
     (_scenario((100, 89, 100, 100, 200), MANIP_NOISE,
-               {"standard": (3.0, None), "spectral_lr_0": (3.3, 0.01), "spectral_lr_0.5": (3.1, 0.3), "spectral_lr_1": (3.2, 0.2)},
+               {"baseline_std": (3.0, None), "polar_gperp": (3.3, 0.01), "spectral_lr_0.5": (3.1, 0.3), "spectral_lr_1": (3.2, 0.2)},
                {"spectral_lr_0.5": dict(delta=-0.2, p=0.01), "spectral_lr_1": dict(delta=-0.1, p=0.3)}),
      ["yes", "yes", "inconclusive", "inconclusive", "only against Polar(G_perp) alone, not against the standard run",
       "worse"]),
     (_scenario((100, 100, 100, 100, 100), {**MANIP_CLEAR, "low_rank": [3.0, 3.01], "equalized": [3.2, 3.21],
                                             "orthonormal": [3.0, 3.02]},
-               {"standard": (3.0, None), "spectral_lr_0": (2.8, 0.01), "spectral_lr_0.5": (3.1, 0.01), "spectral_lr_1": (3.2, 0.01)},
+               {"baseline_std": (3.0, None), "polar_gperp": (2.8, 0.01), "spectral_lr_0.5": (3.1, 0.01), "spectral_lr_1": (3.2, 0.01)},
                {"spectral_lr_0.5": dict(delta=0.3, p=0.01), "spectral_lr_1": dict(delta=0.4, p=0.01)}),
      ["no", "no", "yes", "equalizing the spectrum (hurts under Adam)", "no", "better"]),
 ], ids=["effects", "noise", "perp-only", "all-worse"])

@@ -23,12 +23,7 @@ TINY = ["--num_layers", "1", "--model_dim", "32", "--num_heads", "2", "--seq_len
         "--num_scheduled_iterations", "4", "--num_extension_iterations", "0", "--val_loss_every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def argv(d, shards_dir, *extra):

@@ -24,8 +24,9 @@ TINY = ["num_layers=1", "model_dim=32", "num_heads=2", "seq_len=32", "batch_size
         "num_scheduled_iterations=3"]
 
 
-def _rec(nproc: int) -> RunRecord:
-    return RunRecord(key="k", tag="t", seed=0, script="train_gpt.py", nproc=nproc, baseline=False, swept={}, fields={},
+def _rec(nproc: int, preset: str = "speedrun") -> RunRecord:
+    return RunRecord(key="k", tag="t", seed=0, script="train_gpt.py", nproc=nproc, baseline=False, swept={},
+                     fields={"preset": preset},
                      run_id="lrmul-1-cd0.55-t-20260101-000000", command=["python", "train_gpt.py", "--run_id", "x y"])
 
 
@@ -48,6 +49,10 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
                          tmp_path / "o.out", python="/venv/bin/python")
     assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --nodes=2" in text and "#SBATCH --qos=high" in text
     assert "--time" not in text and "--partition" not in text
+    # a CPU preset asks for no GPU unless told to
+    assert "gpus" not in sbatch_script(_rec(2, "tiny"), [], SlurmOptions(), Path("/r"), tmp_path / "o.out")
+    assert "#SBATCH --gpus-per-node=1" in sbatch_script(_rec(2, "tiny"), [], SlurmOptions(gpus_per_node=1), Path("/r"),
+                                                        tmp_path / "o.out")
     assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
     last = text.splitlines()[-1]
     assert last.startswith("exec srun --nodes=$SLURM_NNODES --ntasks-per-node=1 --kill-on-bad-exit=1 ")

@@ -208,3 +208,17 @@ def test_gradient_clipping_is_the_same_at_one_and_two_ranks(tmp_path, shards_dir
     la, lb, lc = (losses(log_of(tmp_path / d)) for d in "abc")
     np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
     assert max(abs(x - y) for x, y in zip(la, lc)) > 1e-3
+
+
+def test_config_from_the_environment_is_printed_and_logged(tmp_path, shards_dir):
+    """A stray SEED in the shell changes the run: it must say so, on stderr and in the log."""
+    proc = run_train(tmp_path, shards_dir, "--num_scheduled_iterations", "1", "--val_loss_every", "0",
+                     env={"SEED": "7", "MUON_LR": "0.04"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "note: config from the environment: SEED=7 MUON_LR=0.04" in proc.stderr
+    log = read_log(tmp_path / "logs" / "run.txt")
+    assert log.config["seed"] == 7 and log.config["muon_lr"] == 0.04
+    assert log.env["config_env"] == "SEED=7,MUON_LR=0.04"
+    plain = run_train(tmp_path / "plain", shards_dir, "--num_scheduled_iterations", "1", "--val_loss_every", "0")
+    assert plain.returncode == 0 and "config from the environment" not in plain.stderr
+    assert read_log(tmp_path / "plain" / "logs" / "run.txt").env["config_env"] == "none"
