@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from base import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, dir_write_error
+from base import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, dir_write_error
 from data.loader import DistributedTokenLoader, val_batches
 from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
 from harness import checkpoint as ckpt_io
@@ -451,7 +451,7 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     except KeyboardInterrupt:
         if trainer and trainer.log:
             trainer.log.status("interrupted", step=trainer.state.step)
-        code = 130
+        code = EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - any crash still ends the log with a status line
         if info.distributed and hdist.is_timeout(e):
             msg = _timeout_message(e)
