@@ -10,7 +10,7 @@ Items (bytes per rank):
   adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq, whole on every rank (not sharded)
   step buffers   at the optimizer step: Muon's padded float32 stack of the gradients and the
                  reduce-scatter output, and Adam's flat float32 all-reduce buffer
-  activations    what autograd saves in one micro-batch's forward (the largest over the batch
+  activations    what autograd saves in one micro-batch's forward, parameters themselves excluded (the largest over the batch
                  stages: tokens = batch_size / micro_batches, the stage's MTP weights and windows),
                  counted by saved-tensor hooks on a meta-device forward, each tensor once. Two
                  corrections, because the meta forward takes the model's CPU path: the (T, T)
@@ -88,20 +88,20 @@ def step_buffer_bytes(opt) -> int:
     return muon + adam
 
 
-def activation_bytes(model, tokens: int, mtp: int, windows: tuple[int, int]) -> tuple[int, int]:
-    """(bytes at the traced dtype, bytes with floating tensors at 2 bytes) that one training
-    forward of `tokens` packed tokens saves for backward, from a meta-device forward."""
+def saved_tensors(model, tokens: int, mtp: int, windows: tuple[int, int], device="meta") -> list[torch.Tensor]:
+    """The tensors autograd saves in one training forward of `tokens` packed tokens (one document),
+    each storage once: on meta by the base tensor's identity (meta tensors have no storage
+    address), elsewhere by the storage's address."""
     from harness.speedrun_model import ForwardArgs
 
-    T = tokens
-    dev = torch.device("meta")
-    seen: dict[int, torch.Tensor] = {}
-    attn_outputs: list[tuple[int, ...]] = []
+    T, dev = tokens, torch.device(device)
+    seen: dict = {}
 
     def pack(t: torch.Tensor):
         base = t._base if t._base is not None else t
-        if id(base) not in seen:
-            seen[id(base)] = base
+        key = id(base) if base.is_meta else base.untyped_storage().data_ptr()
+        if key not in seen or base.numel() > seen[key].numel():
+            seen[key] = base
         return t
 
     x = torch.zeros(T, dtype=torch.int32, device=dev)
@@ -111,11 +111,24 @@ def activation_bytes(model, tokens: int, mtp: int, windows: tuple[int, int]) -> 
     args = ForwardArgs(torch.ones(mtp, device=dev), windows[0], windows[1])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x, y, cu, bigram, args)
+    return list(seen.values())
+
+
+def is_attention_square(t: torch.Tensor, tokens: int) -> bool:
+    """The (.., T, T) attention weights / masks of the CPU's SDPA math path (2T for paired heads)."""
+    s = tuple(t.shape)
+    return len(s) >= 2 and s[-1] == s[-2] and s[-1] in (tokens, 2 * tokens)
+
+
+def activation_bytes(model, tokens: int, mtp: int, windows: tuple[int, int]) -> tuple[int, int]:
+    """(bytes at the traced dtype, bytes with floating tensors at 2 bytes) that one training
+    forward of `tokens` packed tokens saves for backward, from a meta-device forward, with the
+    CPU attention's (T, T) tensors swapped for what flex attention saves on CUDA."""
+    T = tokens
+    params = {id(p) for p in model.parameters()}  # saved weights (and views of them) are counted above
     traced = bf16 = 0
-    for t in seen.values():
-        shape = tuple(t.shape)
-        if len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] in (T, 2 * T):
-            attn_outputs.append(shape)  # the math path's (heads, T, T) weights: not on CUDA
+    for t in saved_tensors(model, T, mtp, windows):
+        if is_attention_square(t, T) or id(t) in params:
             continue
         n = t.numel()
         traced += n * t.element_size()

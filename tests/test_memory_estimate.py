@@ -50,3 +50,27 @@ def test_speedrun_preset_estimate_rows_and_total():
     assert b["activations_bf16"] < b["activations"]
     assert total_bytes(items) == sum(v for k, v in b.items() if k != "activations_bf16")
     assert 0 < total_bytes(items) and H100_BYTES == 80e9
+
+
+def test_meta_forward_saves_what_a_real_cpu_forward_saves():
+    """The activation count on the meta device (by tensor identity) against the same forward on
+    real CPU tensors (by storage address), at a small size: same tensors, same bytes."""
+    import torch
+
+    from harness.memory_estimate import is_attention_square, saved_tensors
+    from harness.speedrun_model import SpeedrunGPT
+
+    kw = dict(vocab_size=256, model_dim=48, num_heads=4, head_dim=12, bigram_vocab_size=97, max_seq_len=128)
+    torch.manual_seed(0)
+    real = SpeedrunGPT(**kw)
+    with torch.device("meta"):
+        meta = SpeedrunGPT(**kw)
+    T, windows = 128, (16, 48)
+    on_cpu = saved_tensors(real, T, 3, windows, device="cpu")
+    on_meta = saved_tensors(meta, T, 3, windows)
+
+    def summary(ts):
+        return sorted((tuple(t.shape), str(t.dtype)) for t in ts if not is_attention_square(t, T))
+
+    assert summary(on_meta) == summary(on_cpu)
+    assert sum(t.nbytes for t in on_meta) == sum(t.nbytes for t in on_cpu) > 0
