@@ -89,3 +89,26 @@ def test_warmup_is_off_in_tiny_and_refused_with_the_gpt_model():
     assert not load_config([], env={}).warmup
     with pytest.raises(UserError, match=r"config: warmup=True is invalid: only with model=speedrun"):
         validate(load_config(["--warmup", "1"], env={}))
+
+
+def test_two_ranks_with_and_without_warmup_log_the_same_run(tmp_path, shards_dir):
+    """Through torchrun at 2 gloo ranks (the optimizer's state is gathered and re-sharded around
+    the warm-up): the same logged losses, and the warm-up line in the log. A checkpoint written
+    with warm-up resumes without it (warmup may differ on resume: it does not change the run)."""
+    from train_utils import log_of, run_train
+
+    runs = {}
+    for warm in ("0", "1"):
+        d = tmp_path / f"w{warm}"
+        proc = run_train(d, shards_dir, *REDUCED, "--warmup", warm, "--checkpoint_dir", str(d / "ck"),
+                         "--save_every", "2", nproc=2, small=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = log_of(d)
+        runs[warm] = [(r.step, r.train_loss) for r in log.train_steps] + [(r.step, r.val_loss) for r in log.val_steps]
+        text = (d / "logs" / "run.txt").read_text()
+        assert ("warmup: steps [0, 1, 2, 3] in " in text) == (warm == "1")
+    assert runs["0"] == runs["1"]
+    w1 = tmp_path / "w1"
+    again = run_train(w1, shards_dir, *REDUCED, "--warmup", "0", "--checkpoint_dir", str(w1 / "ck"),
+                      "--resume", str(w1 / "ck" / "run" / "step_2.pt"), nproc=2, small=False)
+    assert again.returncode == 0, again.stderr[-3000:]
