@@ -54,7 +54,7 @@ MAY_DIFFER_ON_RESUME = frozenset({
     "resume", "save_every", "save_final", "keep_last", "checkpoint_dir", "log_dir",
     "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
     "diag_every", "diag_sample", "diag_topk", "diag_embed_head", "diag_spectra",
-    "compile", "dist_timeout_s", "diverge_ratio", "diverge_patience",
+    "compile", "warmup", "dist_timeout_s", "diverge_ratio", "diverge_patience",
     "trackers", "tracker_dir", "tracker_project",
 })
 # run_id is checked on its own (a missing --run_id adopts the checkpoint's)

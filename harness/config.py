@@ -70,6 +70,9 @@ class Config:
     val_batch_size: int = 2097152  # speedrun: validation tokens per step over all ranks (the fork's)
     window_block: int = 128  # speedrun: attention windows are counted in blocks of this many tokens
     compile: str = "auto"  # auto (on with CUDA) | on | off
+    # speedrun: before the clock, run the step at the fork's warm-up steps (every batch/window/MTP
+    # shape: compilation and autotuning), then restore weights, optimizer, loader and RNG exactly
+    warmup: bool = False
     dtype: str = "auto"  # activation dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
 
     # --- batch, schedule and validation ---------------------------------------------------
@@ -203,6 +206,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         adam_wd=0.005,
         adam_every=2,
         tied_embed=True,
+        warmup=True,
     ),
 }
 
@@ -367,6 +371,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(cfg.vocab_size <= 65536, "vocab_size", cfg.vocab_size, "at most 65536 (shards hold uint16 ids)")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
     _check(cfg.model in ("gpt", "speedrun"), "model", cfg.model, "gpt or speedrun")
+    _check(not cfg.warmup or cfg.model == "speedrun", "warmup", cfg.warmup,
+           "only with model=speedrun (pass --warmup 0 with model=gpt)")
     _check(cfg.dtype in ("auto", "bfloat16", "float32"), "dtype", cfg.dtype, "auto, bfloat16 or float32")
     _check(cfg.ns_dtype in ("auto", "bfloat16", "float16", "float32"), "ns_dtype", cfg.ns_dtype,
            "auto, bfloat16, float16 or float32")

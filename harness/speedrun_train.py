@@ -19,17 +19,41 @@ q, k, v, o and MLP matrices of the model's parameter table.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from base import UserError
 from data.packed import PackedTrainLoader, packed_val_batches
 from data.shards import find_shards, read_header
 from harness import dist as hdist
+from harness.checkpoint import rng_state, set_rng_state
 from harness.config import Config
 from harness.optim import Optimizers
 from harness.speedrun_model import SpeedrunFeatures, SpeedrunGPT
 from harness.speedrun_schedule import ForwardSchedule, ForwardState
-from harness.trainer import Trainer, _autocast, grad_unit, seed_everything
+from harness.trainer import Trainer, _autocast, _sync, grad_unit, seed_everything
+
+
+def _clone_tree(obj):
+    """A deep copy of nested dicts/lists/tuples of tensors (state dicts on CPU share storage with
+    the live tensors: a snapshot must not)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_tree(v) for v in obj)
+    return obj
+
+
+def warmup_steps(schedule: ForwardSchedule) -> list[int]:
+    """The fork's warm-up sample: steps 0, 1, 2 and every stage start +-1 (each batch size,
+    window pair and MTP length the run will meet, and the odd/even Adam cadence around them),
+    within the run."""
+    starts = [start for start, _ in schedule.boundaries[1:]]
+    steps = {0, 1, 2} | {s + d for s in starts for d in (-1, 0, 1)}
+    return sorted(s for s in steps if 0 <= s < schedule.total)
 
 
 def check_config(cfg: Config, world_size: int) -> None:
@@ -92,6 +116,53 @@ class SpeedrunTrainer(Trainer):
                                         grad_accum=self.grad_accum, rank=info.rank, world_size=info.world_size,
                                         bigram_vocab_size=cfg.bigram_vocab_size, vocab_size=self.data_vocab)
         next(iter(self._val_iter()), None)  # a too-short val shard fails now
+
+    # --- warm-up (the fork's "Warmup kernels"): compile and autotune every shape off the clock ---
+    def run(self) -> int:
+        if self.cfg.warmup:
+            self.warmup()
+        return super().run()
+
+    def warmup(self) -> list[int]:
+        """Run the training step (and one validation forward) at each of the fork's warm-up steps,
+        so compilation and autotuning happen before the timer starts, then put back exactly what
+        they changed: weights, optimizer state (Muon momentum / second moment, Adam moments, step
+        counts, tie, pending gradients), loader position and sizes, RNG states, the RoPE tables and
+        the forward-schedule cache. The timed run is then the run without warm-up, bit for bit."""
+        steps = warmup_steps(self.fwd_schedule)
+        saved = dict(model=_clone_tree(self.model.state_dict()), opt=_clone_tree(self.opt.state_dict()),
+                     loader=_clone_tree(self.loader.state_dict()), rng=rng_state(self.device),
+                     adam_stepped=self.opt._adam_stepped)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.opt.zero_grad()
+        for p in self.model.parameters():
+            p.grad = None
+        for step in steps:
+            args = self.forward_args(step)
+            self.model.eval()
+            with torch.no_grad(), _autocast(self.cfg, self.device):
+                b = next(iter(self._val_iter()), None)
+                if b is not None:
+                    self.forward(*self._inputs(b), args)
+            self.model.train()
+            self.train_step(step, collect_stats=False)
+        _sync(self.device)
+        self.warmup_s = time.perf_counter() - t0
+        for p in self.model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["opt"])  # also puts back (or clears) Adam's pending gradients
+        self.opt._adam_stepped = saved["adam_stepped"]
+        self.loader.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"], self.device)
+        self.fwd_state.reset()
+        self._fwd_args = (None, None)
+        self.ord_stats = {}
+        if self.log:
+            self.log.write(f"warmup: steps {steps} in {self.warmup_s * 1000:.0f}ms (off the clock; state restored)")
+        return steps
 
     def _val_iter(self):
         return packed_val_batches(self.val_files, val_tokens=self.cfg.val_tokens, val_batch_size=self.cfg.val_batch_size,
