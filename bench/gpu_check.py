@@ -49,15 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from base import UserError, run_cli
 
-from harness.errors import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NOT_RUN = "not run (no CUDA)"
 
 # The fork's per-stage step time on 8xH100, ms: the modded-nanogpt record log closest to the fork
-# (shared/fixtures/modded_logs/track_1_short_2026-01-30_VeFused.txt: the same four batch stages,
+# (tests/fixtures/modded_logs/track_1_short_2026-01-30_VeFused.txt: the same four batch stages,
 # 1535 + 40 steps, H100 80GB HBM3), as (train_time at the stage's end - at its second step) /
 # (its steps - 1). The 2025-11-29 BatchSizeSchedule log gives 33.8 / 60.1 / 88.1 / 88.4.
 REF_STAGE_MS = (34.43, 61.48, 88.13, 88.49)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from base import UserError
 from harness import dist as hdist
 from harness.config import load_config, validate
-from harness.errors import UserError
 from harness.speedrun_schedule import ForwardSchedule
 from harness.speedrun_train import SpeedrunTrainer, warmup_steps
 from harness.trainer import resolve_vocab
