@@ -47,10 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.export import load_model
     from harness.sampling import sample_text
 
-    torch.set_grad_enabled(False)
-    model, vocab, meta = load_model(args.checkpoint, train_files=args.train_files, val_files=args.val_files)
-    text, _ = sample_text(model, vocab, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, context=meta.get("seq_len"))
+    with torch.no_grad():  # not set_grad_enabled(False): main() also runs in-process (tests)
+        model, vocab, meta = load_model(args.checkpoint, train_files=args.train_files, val_files=args.val_files)
+        text, _ = sample_text(model, vocab, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, seed=args.seed, context=meta.get("seq_len"))
     sys.stdout.write(args.prompt + text + "\n")
     return 0
 
