@@ -2,7 +2,7 @@
 #   make demo   prepare the local corpus shards and train the tiny preset on CPU with 2 ranks
 #   make test   run the test suite
 # (and: make report   the research report, reports/<timestamp>/REPORT.md, about an hour on 2 cores)
-# Both create the virtual environment .venv from requirements.txt first (once), with the project
+# Both create the virtual environment .venv from the requirements*.txt first (once), with the project
 # installed in it in editable mode (pip install -e .), so every script imports it from anywhere.
 
 PYTHON ?= python3
@@ -12,9 +12,9 @@ NPROC ?= 2
 
 .PHONY: demo test lint report venv system-deps
 
-$(VENV)/.installed: requirements.txt requirements-trackers.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-trackers.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-trackers.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@

@@ -65,7 +65,11 @@ def load_data(mnist: str | None, seed: int, limit: int | None = None):
         ys = [arrays[k].astype(np.int64) for k in ("train_y", "test_y")]
         xtr, ytr, xte, yte = xs[0], ys[0], xs[1], ys[1]
     else:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits  # the 8x8 digits ship with scikit-learn
+        except ImportError:
+            raise UserError("the digits study needs scikit-learn (pip install -r requirements-dev.txt), or pass"
+                            " --mnist DIR") from None
 
         d = load_digits()
         x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
