@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from base import UserError, run_cli
+from base import UserError, check_out_dir, run_cli
 from base import atomic_write as _atomic_write
 from harness.plots import (  # the library (also experiments.report's); `import plot_loss` keeps every name
     DPI,
@@ -52,7 +52,6 @@ from harness.plots import (  # the library (also experiments.report's); `import 
     MANY_LINES,
     bar_baseline,
     check_group_by,
-    check_out_dir,
     final_bars_figure,
     final_loss_table,
     format_markdown,

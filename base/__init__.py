@@ -6,7 +6,8 @@ errors.py      UserError (bad input: one line naming what, where and what is all
                run_cli (a command's `if __name__ == "__main__"`: `error: ...` and exit 2)
 exit_codes.py  the exit codes of the trainer, the launcher and the commands
 files.py       atomic_write (temp file in the same directory, then os.replace) and
-               dir_write_error (is a directory writable, checked before any real output)
+               dir_write_error (is a directory writable, checked before any real output) and
+               check_out_dir (a command's --out: one error line if it cannot be written)
 """
 
 from base.errors import UserError, run_cli
@@ -18,9 +19,9 @@ from base.exit_codes import (
     EXIT_RUNS_FAILED,
     EXIT_USER_ERROR,
 )
-from base.files import atomic_write, dir_write_error, temp_path_for
+from base.files import atomic_write, check_out_dir, dir_write_error, temp_path_for
 
 __all__ = [
-    "UserError", "run_cli", "atomic_write", "dir_write_error", "temp_path_for",
+    "UserError", "run_cli", "atomic_write", "check_out_dir", "dir_write_error", "temp_path_for",
     "EXIT_OK", "EXIT_RUNS_FAILED", "EXIT_USER_ERROR", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
 ]

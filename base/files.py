@@ -7,6 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from base.errors import UserError
+
 
 def temp_path_for(path: str | os.PathLike) -> Path:
     """A unique hidden temp name next to ``path`` (same filesystem, so os.replace is atomic):
@@ -53,3 +55,15 @@ def dir_write_error(directory: str | os.PathLike) -> OSError | None:
     except OSError as e:
         return e
     return None
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """A command's --out must be a directory it can write, checked before any real work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory")
+    e = dir_write_error(out)
+    if e is not None:
+        what = "a path in it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else \
+            f"cannot write there ({e.strerror or e})"
+        raise UserError(f"--out {out}: {what}; pass --out DIR with a writable directory") from None

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from base import UserError, atomic_write, dir_write_error
+from base import UserError, atomic_write, check_out_dir
 from harness import checkpoint as ckpt_io
 from harness.config import Config
 from harness.model import GPT, ModelShape
@@ -204,16 +204,6 @@ def from_checkpoint(path: str | os.PathLike, train_files: str | None = None, val
 
 # ------------------------------------------------------------------------------------------
 # Writing and reading an export directory
-
-
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a directory")
-    e = dir_write_error(out)
-    if e is not None:
-        what = "a path in it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else \
-            f"cannot write there ({e.strerror or e})"
-        raise UserError(f"--out {out}: {what}; pass --out DIR with a writable directory") from None
 
 
 def _config_json(meta: dict[str, Any]) -> str:

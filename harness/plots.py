@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure  # object API: no pyplot state, no display backend needed
 
-from base import UserError, dir_write_error
+from base import UserError
 from base import atomic_write as _atomic_write
 from harness.runlog import RunLog, read_log, find_logs
 from harness.runs import default_baseline, group_runs
@@ -57,18 +57,6 @@ def load_runs(paths: Sequence[str | os.PathLike] | None = None) -> list[RunLog]:
 
 def is_run_log(run: RunLog) -> bool:
     return bool(run.ours or run.config is not None or run.val_steps or run.train_steps or run.status)
-
-
-def check_out_dir(out_dir: str | os.PathLike) -> None:
-    """--out must be a directory we can write (checked before anything is drawn)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a directory")
-    e = dir_write_error(out)
-    if e is not None:
-        what = "a path in it is a file" if isinstance(e, (FileExistsError, NotADirectoryError)) else \
-            f"cannot write there ({e.strerror or e})"
-        raise UserError(f"--out {out}: {what}; pass --out DIR with a writable directory") from None
 
 
 def check_group_by(runs: Sequence[RunLog], group_by: str) -> None:

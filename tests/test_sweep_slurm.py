@@ -34,13 +34,13 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
     # a repository path that only survives the shell quoted
     one = text = sbatch_script(_rec(1), ["--run_id", "x y"],
                                SlurmOptions(partition="cpu", time="00:30:00", gpus_per_node=0),
-                               Path("/work/it's here"), tmp_path / "o.%j.out", python="/venv/bin/python")
+                               tmp_path / "it's here", tmp_path / "o.%j.out", python="/venv/bin/python")
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     assert "#SBATCH --partition=cpu" in lines and "#SBATCH --time=00:30:00" in lines and "#SBATCH --nodes=1" in lines
     assert "#SBATCH --signal=B:TERM@120" in lines and f"#SBATCH --output={tmp_path}/o.%j.out" in lines
     assert not any("gpus" in l for l in lines)  # CPU nodes: no GPU request
-    assert "cd '/work/it'\"'\"'s here'" in lines and lines[-1] == "exec /venv/bin/python train_gpt.py --run_id 'x y'"
+    assert f"cd '{tmp_path}/it'\"'\"'s here'" in lines and lines[-1] == "exec /venv/bin/python train_gpt.py --run_id 'x y'"
     # no --signal without a time limit to signal before; none when asked for 0 s
     assert "--signal" not in sbatch_script(_rec(1), [], SlurmOptions(time="00:30:00", signal_s=0), Path("/r"),
                                            tmp_path / "o.out", python="/venv/bin/python")
@@ -63,7 +63,7 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     # and the first one's cd, run by bash, lands in that directory
     (tmp_path / "it's here").mkdir()
-    cd_line = next(l for l in one.splitlines() if l.startswith("cd ")).replace("/work/it", f"{tmp_path}/it")
+    cd_line = next(l for l in one.splitlines() if l.startswith("cd "))
     r = subprocess.run(["bash", "-c", f"{cd_line} && pwd"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == f"{tmp_path}/it's here", r.stderr
 
