@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from base import UserError, run_cli
 from harness.speedrun_stats import DEFAULT_TARGET
-from harness.runs import (
+from harness.logs.runs import (
     ENDED,
     STALE_FACTOR,
     STALE_MIN_S,

@@ -71,8 +71,8 @@ from harness.plots import (  # the library (also experiments.report's); `import 
     val_loss_figure,
     write_csv,
 )
-from harness.runlog import RunLog
-from harness.runs import group_runs
+from harness.logs.format import RunLog
+from harness.logs.runs import group_runs
 from harness.speedrun_stats import (MARGIN_RULE, RunHit, SeedStats, format_hits_table, format_seed_table,
                                     group_seed_stats, run_hits)
 

@@ -116,7 +116,7 @@ def stage_ms_from_log(path, scheduled: int, extension: int) -> list[float]:
     """Per batch stage (three thirds of `scheduled`, then the extension): the mean step time of a
     modded-nanogpt log, (train_time at the stage's end - at its second step) / (its steps - 1),
     leaving out each stage's first step. How REF_STAGE_MS was read."""
-    from harness.runlog import read_log
+    from harness.logs.format import read_log
 
     t = {r.step: r.train_time_ms for r in read_log(path).train_steps}
     b = [0, round(scheduled / 3), round(2 * scheduled / 3), scheduled, scheduled + extension]
@@ -353,7 +353,7 @@ def part_c(cpu: bool) -> list[Row]:
 
 
 def part_d(cpu: bool, workdir: Path) -> list[Row]:
-    from harness.runlog import read_log
+    from harness.logs.format import read_log
 
     train, val = synthetic_shards(workdir / "d", 400_000, 40_000, doc_len=300, vocab=256, seed=2)
     logs = workdir / "d_logs"

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.runlog import RunLogWriter, find_logs, read_log
-from harness.runs import Monitor, compare_at_common_step, summarize
+from harness.logs.format import RunLogWriter, find_logs, read_log
+from harness.logs.runs import Monitor, compare_at_common_step, summarize
 
 
 def write_logs(d: Path, n: int, lines: int) -> list[RunLogWriter]:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.runlog import read_log
+from harness.logs.format import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ Runs the studies through the project's own entry points: experiments.gradient_ra
 experiments.digits_comparison, experiments.rank_manipulation and experiments.gradient_snr
 in-process; the ORD sweep (sweeps/report_ord.toml: train_gpt.py and train_gpt_muon_new.py on
 the tiny preset, 3 seeds) through launch_lr_sweep.py; its tables and figures through
-plot_loss.py's functions on the run logs (harness.runlog), the weight/update dynamics from the
+plot_loss.py's functions on the run logs (harness.logs.format), the weight/update dynamics from the
 standard runs' own `diag` lines. Writes reports/<timestamp>/REPORT.md with every section's
 figures and table.md beside it, results.json (every number the text quotes) and runs.json (the
 commit, and the resolved config and seed of every run). Default sizes take about 55 minutes on
@@ -275,7 +275,7 @@ minibatches at fixed weights. Scale: one seed, a {sizes.small['num_layers']}-lay
 
 def run_sweep(out: Path, sizes: Sizes, data: Path) -> Path:
     """launch_lr_sweep.py on sweeps/report_ord.toml; returns the log folder."""
-    from harness import sweep_cli
+    from harness.sweep import cli as sweep_cli
 
     log_dir = out / "runs"
     argv = [str(SWEEP_FILE), "--log-dir", str(log_dir), "--seeds", ",".join(map(str, sizes.sweep_seeds)),
@@ -554,7 +554,7 @@ def ensure_corpus(data: Path) -> None:
 
 
 def run_records(log_dir: Path) -> list[dict]:
-    from harness.runlog import find_logs, read_log
+    from harness.logs.format import find_logs, read_log
 
     recs = []
     for p in find_logs([log_dir]):

@@ -21,8 +21,8 @@ from matplotlib.figure import Figure  # object API: no pyplot state, no display 
 
 from base import UserError
 from base import atomic_write as _atomic_write
-from harness.runlog import RunLog, read_log, find_logs
-from harness.runs import default_baseline, group_runs
+from harness.logs.format import RunLog, read_log, find_logs
+from harness.logs.runs import default_baseline, group_runs
 
 DPI = 120
 
@@ -69,7 +69,7 @@ def check_group_by(runs: Sequence[RunLog], group_by: str) -> None:
 
 
 def resolve_baseline(runs: Sequence[RunLog], group_by: str, baseline: str | None = "auto") -> str | None:
-    """`auto` -> the default baseline group (see harness.runs.default_baseline); `none`/None -> no
+    """`auto` -> the default baseline group (see harness.logs.runs.default_baseline); `none`/None -> no
     baseline; a name must be one of the groups."""
     groups = group_runs(runs, group_by)
     if baseline is None or baseline == "none":

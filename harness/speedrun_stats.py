@@ -8,8 +8,8 @@ one-sample t-test of those losses against the target with H1: mean < target (as 
 submissions compute it, `scipy.stats.ttest_1samp(losses, target, alternative="less")`), and
 the optimizer track's rule `(target - mean) * sqrt(n) >= 0.004` (its value and pass/fail).
 
-Only the parsed `RunLog` is read here (harness.runlog does the parsing); grouping is the
-caller's (harness.runs.group_runs), so the monitor and the plotter group runs the same way.
+Only the parsed `RunLog` is read here (harness.logs.format does the parsing); grouping is the
+caller's (harness.logs.runs.group_runs), so the monitor and the plotter group runs the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from harness.runlog import RunLog
+from harness.logs.format import RunLog
 
 DEFAULT_TARGET = 3.28  # the short track's val loss target
 MARGIN_RULE = 0.004  # optimizer track: (target - mean) * sqrt(n) must be at least this

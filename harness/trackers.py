@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from base import UserError
-from harness.runlog import DiagRecord, Record, RunLog, StatusRecord, StepRecord, find_logs, read_log
+from harness.logs.format import DiagRecord, Record, RunLog, StatusRecord, StepRecord, find_logs, read_log
 
 TRACKERS = ("tensorboard", "trackio", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}

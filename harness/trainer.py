@@ -40,9 +40,9 @@ from harness.malloc import keep_freed_memory
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
 from harness.preemption import StopRequest, hold_for_test
-from harness.runlock import RunLock
-from harness.runlog import RunLogWriter, log_path
-from harness.runinfo import environment, project_sources
+from harness.logs.lock import RunLock
+from harness.logs.format import RunLogWriter, log_path
+from harness.logs.provenance import environment, project_sources
 from harness.schedule import Schedule
 
 

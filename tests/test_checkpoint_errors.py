@@ -15,7 +15,7 @@ from checkpoint_runs import TINY
 from base import UserError
 from harness import checkpoint as ck
 from harness.config import Config
-from harness.runlog import read_log
+from harness.logs.format import read_log
 from harness.trainer import main
 
 

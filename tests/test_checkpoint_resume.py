@@ -12,7 +12,7 @@ import torch
 
 from checkpoint_runs import TOTAL, kill_job, log_has_line, run, start, wait_for
 from harness.checkpoint import list_checkpoints, load
-from harness.runlog import read_log
+from harness.logs.format import read_log
 
 pytestmark = pytest.mark.timeout(300)
 

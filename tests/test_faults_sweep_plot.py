@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fault_mounts import read_only_dir
-from harness.runlog import log_path, read_log
+from harness.logs.format import log_path, read_log
 from test_runlog_synthetic import write_run
 from test_sweep_local import LAUNCHER, _running_with_steps, _wait_for, manifest_doc, tiny_sets
 

@@ -19,7 +19,7 @@ from checkpoint_runs import BIN, ROOT, TINY, descendants, env, kill_job, log_has
 from checkpoint_runs import run as run_tiny
 from data.shards import open_shard, write_shard
 from fault_mounts import fill, read_only_dir, small_tmpfs
-from harness.runlog import read_log
+from harness.logs.format import read_log
 from train_utils import error_lines
 
 DATA = ROOT / "data" / "local"

@@ -19,7 +19,7 @@ import pytest
 from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 import monitor_runs
-from harness.runlog import RunLogWriter
+from harness.logs.format import RunLogWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 from base import UserError
 import plot_loss
-from harness.runs import group_key
+from harness.logs.runs import group_key
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.runlog import find_logs, read_log
+from harness.logs.format import find_logs, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = "gradient_rank,digits,rank_manipulation,gradient_snr"

@@ -15,7 +15,7 @@ import torch
 from harness import checkpoint as ck
 from harness import dist as hdist
 from harness.config import load_config
-from harness.runlog import read_log
+from harness.logs.format import read_log
 from harness.trainer import Trainer, main
 
 TINY = ["--num_layers", "1", "--model_dim", "32", "--num_heads", "2", "--seq_len", "16",

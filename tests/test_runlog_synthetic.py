@@ -1,5 +1,5 @@
 """Run logs written by the real RunLogWriter (finished, running, diverged, failed, resumed), plus
-hand-made damage (garbage, binary bytes, a half-written last line), parsed back by harness.runlog;
+hand-made damage (garbage, binary bytes, a half-written last line), parsed back by harness.logs.format;
 and the fixtures (modded-nanogpt's own logs). The generator here is also used by the monitor and
 plot tests."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.runlog import LogFollower, RunLogWriter, read_log, find_logs
-from harness.runs import run_status, summarize
+from harness.logs.format import LogFollower, RunLogWriter, read_log, find_logs
+from harness.logs.runs import run_status, summarize
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "modded_logs"  # modded-nanogpt's own logs, kept in the repo
 

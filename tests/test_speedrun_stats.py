@@ -1,7 +1,7 @@
 """harness/speedrun_stats.py (steps/time to a target loss; the one-sided t-test and the
 optimizer track's (target - mean) * sqrt(n) >= 0.004 rule) against scipy and numbers computed
 by hand, and how plot_loss.py --target and monitor_runs.py --target show them. Logs are written
-here with harness.runlog's writer; figures are real matplotlib renders."""
+here with harness.logs.format's writer; figures are real matplotlib renders."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from scipy import stats
 
 import plot_loss
-from harness.runlog import RunLogWriter, read_log
-from harness.runs import group_runs
+from harness.logs.format import RunLogWriter, read_log
+from harness.logs.runs import group_runs
 from harness.speedrun_stats import (DEFAULT_TARGET, MARGIN_RULE, format_seed_table, group_seed_stats, margin,
                                     run_hits, seed_stats, target_hit, ttest_less)
 
@@ -93,7 +93,7 @@ def test_ttest_matches_scipy():
 
 
 def seed_stats_of(vals):
-    from harness.runlog import RunLog
+    from harness.logs.format import RunLog
 
     runs = [RunLog(path=f"r{i}.txt", status="finished", status_fields={"final_val_loss": v}) for i, v in enumerate(vals)]
     return seed_stats("g", runs, 3.28)

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from base import atomic_write
-from harness.runlog import log_path, read_log
-from harness.sweep import baseline_loss, exit_status, summary_table
-from harness.sweep_local import pick_gpus, plan_starts
-from harness.sweep_manifest import Manifest, RunRecord, outcome
-from harness.runlog import parse_text
+from harness.logs.format import log_path, read_log
+from harness.sweep.launch import baseline_loss, exit_status, summary_table
+from harness.sweep.local import pick_gpus, plan_starts
+from harness.sweep.manifest import Manifest, RunRecord, outcome
+from harness.logs.format import parse_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
@@ -280,7 +280,7 @@ def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
 
 
 def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_path):
-    from harness.sweep import plan_resume
+    from harness.sweep.launch import plan_resume
 
     def rec(tag, status):
         r = _rec(tag, 0, status, None, script="train_gpt.py")

@@ -13,9 +13,9 @@ import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
-from harness.runlog import log_path, read_log
-from harness.sweep_manifest import RunRecord
-from harness.sweep_slurm import SlurmOptions, sbatch_script
+from harness.logs.format import log_path, read_log
+from harness.sweep.manifest import RunRecord
+from harness.sweep.slurm import SlurmOptions, sbatch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]

@@ -11,8 +11,8 @@ import pytest
 
 from base import UserError
 from harness.config import script_overrides, RUN_ID_PATTERN, load_config
-from harness.sweep import create_sweep
-from harness.sweep_spec import SweepSpec, apply_flags, expand, load_sweep_file, run_id_for, value_text
+from harness.sweep.launch import create_sweep
+from harness.sweep.spec import SweepSpec, apply_flags, expand, load_sweep_file, run_id_for, value_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from base import UserError
-from harness.runlog import RunLogWriter, read_log
+from harness.logs.format import RunLogWriter, read_log
 from train_utils import ROOT, VENV_BIN, error_lines, log_of, run_train
 
 INSTALLED = [n for n in ("tensorboard", "trackio", "wandb") if importlib.util.find_spec(n) is not None]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.shards import write_shard
-from harness.runlog import read_log
+from harness.logs.format import read_log
 from train_utils import error_lines, log_of, losses, run_train
 
 

@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 
 from base import UserError
-from harness.sweep import check_data, create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
-from harness.sweep_local import LocalExecutor, detect_gpus
-from harness.sweep_manifest import Manifest
-from harness.sweep_slurm import SlurmExecutor, SlurmOptions, queued_states, require_slurm
-from harness.sweep_spec import DEFAULT_MAX_RUNS, SweepSpec, apply_flags, load_sweep_file
+from harness.sweep.launch import check_data, create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
+from harness.sweep.local import LocalExecutor, detect_gpus
+from harness.sweep.manifest import Manifest
+from harness.sweep.slurm import SlurmExecutor, SlurmOptions, queued_states, require_slurm
+from harness.sweep.spec import DEFAULT_MAX_RUNS, SweepSpec, apply_flags, load_sweep_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # where the training scripts are
+REPO_ROOT = Path(__file__).resolve().parents[2]  # where the training scripts are
 
 
 def build_parser() -> argparse.ArgumentParser:

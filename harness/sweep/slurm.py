@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from base import UserError
-from harness.sweep_local import launch_prefix, torchrun_prefix
-from harness.sweep_manifest import Manifest, RunRecord, record_outcome
+from harness.sweep.local import launch_prefix, torchrun_prefix
+from harness.sweep.manifest import Manifest, RunRecord, record_outcome
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "RESV_DEL_HOLD"}

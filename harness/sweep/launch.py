@@ -1,8 +1,8 @@
 """A sweep from declaration to summary: expand and validate every run, write the manifest,
 hand the runs to the local or Slurm executor, resume what did not finish, print the table.
 
-Modules: sweep_spec (TOML/flags -> runs, run ids, validation), sweep_manifest (the JSON record,
-outcomes), sweep_local (processes, GPU packing, signals), sweep_slurm (sbatch jobs).
+Modules of this package: spec (TOML/flags -> runs, run ids, validation), manifest (the JSON record,
+outcomes), local (processes, GPU packing, signals), slurm (sbatch jobs).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any, Callable, Sequence
 
 from base import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNS_FAILED, UserError
 from harness.config import RUN_ID_PATTERN
-from harness.runlog import log_path
-from harness.runs import sweep_manifest_path
-from harness.sweep_local import launch_prefix, marked_processes
-from harness.sweep_manifest import ACTIVE, Manifest, RunRecord, read_run_log
-from harness.sweep_spec import RunPlan, SweepSpec, expand, resolved_config, run_id_for, timestamp, validate_run
+from harness.logs.format import log_path
+from harness.logs.runs import sweep_manifest_path
+from harness.sweep.local import launch_prefix, marked_processes
+from harness.sweep.manifest import ACTIVE, Manifest, RunRecord, read_run_log
+from harness.sweep.spec import RunPlan, SweepSpec, expand, resolved_config, run_id_for, timestamp, validate_run
 
 
 def _command(plan: RunPlan, run_id: str, log_dir: str, python: str, use_torchrun: str, resume: str | None = None) -> list[str]:
@@ -160,7 +160,7 @@ def _has_checkpoint(plan, run_id: str, log_dir: str) -> bool:
         return False
     base = Path(cfg.checkpoint_dir)
     if not base.is_absolute():
-        base = Path(__file__).resolve().parents[1] / base
+        base = Path(__file__).resolve().parents[2] / base
     directory = base / run_id
     return directory.is_dir() and any(re.match(r"^step_\d+\.pt$", p.name) for p in directory.iterdir())
 

@@ -1,6 +1,6 @@
 """Runs as the monitor and the plotter see them: discovery, status, summary, grouping.
 
-Parsing stays in `harness.runlog`; this module only interprets parsed `RunLog`s.
+Parsing stays in `harness.logs.format`; this module only interprets parsed `RunLog`s.
 
 Status of a run (`run_status`):
 - the log's own status line wins: finished, diverged, failed, preempted, interrupted;
@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from base import UserError
 from harness.config import ORD_FIELDS as CONFIG_ORD_FIELDS
-from harness.runlog import LogFollower, RunLog, find_logs
+from harness.logs.format import LogFollower, RunLog, find_logs
 from harness.speedrun_stats import DEFAULT_TARGET, target_hit
 
 STALE_MIN_S = 60.0

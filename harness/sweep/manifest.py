@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from base import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, atomic_write
-from harness.runlog import RunLog, log_path, read_log
-from harness.runs import sweep_manifest_path
+from harness.logs.format import RunLog, log_path, read_log
+from harness.logs.runs import sweep_manifest_path
 
 FORMAT = 1
 ACTIVE = ("running", "submitted")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from base import UserError
-from harness.sweep_manifest import Manifest, RunRecord, record_outcome
+from harness.sweep.manifest import Manifest, RunRecord, record_outcome
 
 POLL_S = 0.2
 GRACE_S = 20.0
