@@ -31,7 +31,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
 @dataclass
 class Config:
     # --- identity -------------------------------------------------------------------------
-    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | speedrun (the fork's 8xH100 run)
+    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | classic (GPT-2 + AdamW, the CPU baseline) | speedrun (the fork's 8xH100 run)
     run_id: str = ""  # the run's name (log and checkpoint file names); empty: from tag/script and the time
     tag: str = ""  # a human label; readers group by it (never by parsing the run id)
     seed: int = 0  # seed of the model init and the data order
@@ -44,8 +44,9 @@ class Config:
     val_tokens: int = 32768  # tokens per validation (over all ranks)
     align_bos: bool = False  # start every training sequence at a document start (BOS)
     # renumber the ids that occur in the train+val shards to 0..V-1 and set vocab_size to V
-    # padded to 128: the same text and task with a smaller head (CPU studies; see data.shards)
-    compact_vocab: bool = False
+    # padded to 128: the same text and task with a smaller head (data.shards; on the local
+    # corpus 22,784 rows instead of 50,304). Off in the classic and speedrun presets.
+    compact_vocab: bool = True
 
     # --- model ----------------------------------------------------------------------------
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
@@ -61,7 +62,9 @@ class Config:
     logit_softcap: float = 15.0  # tanh soft-cap of the logits, softcap * tanh(z / softcap); 0 = off
     value_embeds: bool = False  # three vocabulary-sized tables: off in the CPU preset for speed
     unet_skips: bool = True  # U-net skip connections from the first half of the blocks to the second
-    # which model: gpt (harness/model.py, the fields above) | speedrun (the fork's GPT,
+    # which model: gpt (harness/model.py, the fields above) | classic (GPT-2 as nanoGPT:
+    # harness/classic_model.py; learned positions over seq_len, LayerNorm, GELU, tied head; uses
+    # num_layers/model_dim/num_heads/mlp_ratio/vocab_size) | speedrun (the fork's GPT,
     # harness/speedrun_model.py: num_layers/model_dim/num_heads/vocab_size above, seq_len = the
     # document cut, and the fields below; its trainer is harness/speedrun_train.py)
     model: str = "gpt"
@@ -81,8 +84,10 @@ class Config:
     lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # LR multiplier per batch-size stage
     num_scheduled_iterations: int = 60  # steps of the LR schedule (with its cooldown)
     num_extension_iterations: int = 6  # extra steps after it at the final LR multiplier
-    cooldown_frac: float = 0.5  # fraction of the scheduled steps over which the LR cools down linearly
+    cooldown_frac: float = 0.5  # fraction of the scheduled steps over which the LR cools down
     lr_decay_final: float = 0.1  # LR multiplier at the end of the cooldown
+    lr_decay_shape: str = "linear"  # shape of the LR cooldown: linear (the fork) | cosine (nanoGPT)
+    lr_warmup_steps: int = 0  # linear LR warm-up over the first N steps (nanoGPT's (s+1)/(N+1)); 0 = none
     device_batch_tokens: int = 2048  # tokens per forward pass on one rank; more means grad accumulation
     val_loss_every: int = 20  # validate every N steps (0: only at the start and the end)
     val_loss_last_steps: int = 0  # in the last N steps, validate every val_loss_every_last steps
@@ -90,6 +95,10 @@ class Config:
     grad_clip: float = 0.0  # clip the global norm of the averaged gradients to this; 0 = off
 
     # --- optimizer (the fork's rules: docs/REFERENCE.md "Optimizer"; harness/optim.py) ----------
+    # muon: NorMuon on the hidden matrices + Adam on the rest (harness/optim.py) | adamw: AdamW on
+    # every parameter as nanoGPT (harness/adamw.py: adam_lr, adam_wd, adam_eps, *.beta1/*.beta2 of
+    # adam_overrides; decay on tensors of 2+ dims; grad_clip on the mean loss's gradient)
+    optimizer: str = "muon"
     muon_lr: float = 0.05  # Muon's base learning rate
     muon_momentum: float = 0.95  # Muon's Nesterov momentum after warm-up
     muon_momentum_start: float = 0.85  # Muon's momentum at step 0 (and at the end of its cooldown)
@@ -181,12 +190,33 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # A CPU run of a few minutes on the local corpus (Python stdlib sources).
     "tiny": {},
+    # The classic baseline: GPT-2 as nanoGPT trains it (learned positions, LayerNorm, GELU, tied
+    # head; AdamW 1e-3 with betas 0.9/0.95, weight decay 0.1, eps 1e-8, clip 1.0, warm-up then
+    # cosine decay to 0.1x; block 256, batch 8 x 256 tokens) at the tiny preset's size and data.
+    "classic": dict(
+        model="classic",
+        optimizer="adamw",
+        compact_vocab=False,  # GPT-2's vocabulary, as nanoGPT
+        batch_sizes=[2048, 2048, 2048, 2048],
+        num_scheduled_iterations=200,
+        num_extension_iterations=0,
+        cooldown_frac=1.0,
+        lr_decay_shape="cosine",
+        lr_warmup_steps=20,
+        adam_lr=1e-3,
+        adam_wd=0.1,
+        adam_eps=1e-8,
+        adam_overrides={"*.beta1": 0.9, "*.beta2": 0.95},
+        grad_clip=1.0,
+        val_loss_every=25,
+    ),
     # The 8xH100 FineWeb10B run of the ORD experiment (docs/REFERENCE.md).
     "speedrun": dict(
         train_files="data/fineweb10B/fineweb_train_*.bin",
         val_files="data/fineweb10B/fineweb_val_*.bin",
         val_tokens=10485760,
         model="speedrun",  # the fork's GPT: 11 layers, 6 heads of 128, bigram vocab 251520
+        compact_vocab=False,  # the fork's 50304 ids
         value_embeds=True,
         num_layers=11,
         model_dim=768,
@@ -354,7 +384,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     for name in ("val_tokens", "vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio", "seq_len",
                  "num_scheduled_iterations", "device_batch_tokens", "ns_steps", "diag_topk", "keep_last"):
         _check(getattr(cfg, name) > 0, name, getattr(cfg, name), "must be > 0")
-    for name in ("num_extension_iterations", "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
+    for name in ("num_extension_iterations", "lr_warmup_steps", "val_loss_every", "val_loss_last_steps", "val_loss_every_last",
                  "window_size", "diag_every", "diag_sample", "save_every", "seed", "diverge_patience"):
         _check(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
     _check(cfg.seed < 2 ** 32, "seed", cfg.seed, "must be in 0..4294967295 (numpy's seed range)")
@@ -370,7 +400,17 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(cfg.head_dim % 2 == 0, "num_heads", cfg.num_heads, "model_dim/num_heads must be even (RoPE)")
     _check(cfg.vocab_size <= 65536, "vocab_size", cfg.vocab_size, "at most 65536 (shards hold uint16 ids)")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
-    _check(cfg.model in ("gpt", "speedrun"), "model", cfg.model, "gpt or speedrun")
+    _check(cfg.model in ("gpt", "classic", "speedrun"), "model", cfg.model, "gpt, classic or speedrun")
+    _check(cfg.optimizer in ("muon", "adamw"), "optimizer", cfg.optimizer, "muon or adamw")
+    _check(cfg.model != "classic" or cfg.optimizer == "adamw", "optimizer", cfg.optimizer,
+           "adamw with model=classic (its parameters have no Muon table)")
+    _check(cfg.model != "speedrun" or cfg.optimizer == "muon", "optimizer", cfg.optimizer,
+           "muon with model=speedrun (the fork's optimizer)")
+    _check(cfg.optimizer == "muon" or not cfg.ord, "optimizer", cfg.optimizer,
+           "muon for train_gpt_muon_new.py (ORD is a change inside Muon)")
+    _check(cfg.optimizer == "muon" or cfg.diag_every == 0, "diag_every", cfg.diag_every,
+           "0 with optimizer=adamw (the diagnostics measure Muon's matrices)")
+    _check(cfg.lr_decay_shape in ("linear", "cosine"), "lr_decay_shape", cfg.lr_decay_shape, "linear or cosine")
     _check(not cfg.warmup or cfg.model == "speedrun", "warmup", cfg.warmup,
            "only with model=speedrun (pass --warmup 0 with model=gpt)")
     _check(cfg.dtype in ("auto", "bfloat16", "float32"), "dtype", cfg.dtype, "auto, bfloat16 or float32")

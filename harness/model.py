@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.config import Config
+from harness.fused_loss import softcapped_cross_entropy
 from harness.params import MatrixSpec, ParamSpec
 
 
@@ -195,7 +196,8 @@ class GPT(nn.Module):
             out[L - k + j] = ves[j]
         return out
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normed last hidden states, the head's input."""
         x = x0 = norm(self.embed(idx))
         ves = self._value_embed_for_layers(idx)
         skips: list[torch.Tensor] = []
@@ -206,13 +208,19 @@ class GPT(nn.Module):
             x = block(x, x0, ves[i])
             if self.n_skips and i < self.n_skips:
                 skips.append(x)
-        logits = self.lm_head(norm(x)).float()
+        return norm(x)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.hidden(idx)).float()
         cap = self.shape.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
         return logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            # on CPU the head's (tokens x vocab) copies cost more than its matmuls: fused chunks
+            return softcapped_cross_entropy(self.hidden(idx), self.lm_head.weight, targets, self.shape.logit_softcap)
         logits = self.logits(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 

@@ -8,10 +8,15 @@ t = min(1, (s - c) / (S - c)) and lr = m * (1 - t) + final * t; the extension ru
 (also without a cooldown: the fork's get_lr, where the extension's own multiplier is never used).
 Muon's momentum warms up linearly over its first steps and cools down over the last ones, as the
 fork's get_muon_momentum (warm-up first where the two overlap).
+
+The classic recipe (nanoGPT's get_lr) adds two options: a linear LR warm-up over the first W
+steps, lr = m x (s + 1) / (W + 1), after which the cooldown starts at max(c, W); and a cosine
+cooldown, lr = final + (m - final) x (1 + cos(pi t)) / 2 with the same t.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from harness.config import Config
@@ -32,6 +37,8 @@ class Schedule:
     val_every: int
     val_last_steps: int
     val_every_last: int
+    warmup: int = 0
+    decay_shape: str = "linear"
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Schedule":
@@ -49,6 +56,8 @@ class Schedule:
             val_every=cfg.val_loss_every,
             val_last_steps=cfg.val_loss_last_steps,
             val_every_last=cfg.val_loss_every_last,
+            warmup=cfg.lr_warmup_steps,
+            decay_shape=cfg.lr_decay_shape,
         )
 
     @property
@@ -76,10 +85,14 @@ class Schedule:
     def lr_mul(self, step: int) -> float:
         stage = self.stage(step)
         m = self.lr_muls[stage]
-        c, S = self.cooldown_start, self.scheduled
+        if step < self.warmup:
+            return m * (step + 1) / (self.warmup + 1)
+        c, S = max(self.cooldown_start, self.warmup), self.scheduled
         if step < c:
             return m
         t = min(1.0, (step - c) / (S - c)) if S > c else 1.0
+        if self.decay_shape == "cosine":
+            return self.lr_final + (m - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
         return m * (1 - t) + self.lr_final * t
 
     def muon_momentum(self, step: int) -> float:

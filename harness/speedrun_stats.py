@@ -42,6 +42,24 @@ def target_hit(run: RunLog, target: float = DEFAULT_TARGET) -> TargetHit | None:
     return None
 
 
+def time_to_loss(run: RunLog, target: float) -> float | None:
+    """Training time in ms at which the validation curve first reaches `target`, interpolated
+    linearly (in train_time) between the last validation above it and the first at or below it;
+    the first validation's time when that one is already there; None if none reaches it."""
+    prev = None
+    for rec in sorted(run.val_steps, key=lambda r: r.step):
+        loss, t = rec.val_loss, rec.train_time_ms
+        if not (_finite(loss) and isinstance(t, float)):
+            continue
+        if loss <= target:
+            if prev is None:
+                return t
+            (t0, l0) = prev
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+        prev = (t, loss)
+    return None
+
+
 def ttest_less(values: Sequence[float], target: float) -> tuple[float, float] | None:
     """(t, p) of the one-sample t-test of `values` against `target`, H1: mean < target; None
     with fewer than 2 values or no spread (the statistic is undefined)."""

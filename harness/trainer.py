@@ -37,8 +37,7 @@ from harness import dist as hdist
 from harness.config import Config, config_env, load_config, validate
 from harness.diagnostics import SpectralDiagnostics
 from harness.malloc import keep_freed_memory
-from harness.model import GPT, ModelShape
-from harness.optim import Optimizers
+from harness.build import build_model, build_optimizers
 from harness.preemption import StopRequest, hold_for_test
 from harness.logs.lock import RunLock
 from harness.logs.format import RunLogWriter, log_path
@@ -113,16 +112,15 @@ class Trainer:
             read_header(f)  # magic, version and size of every shard, before anything is written
         self.val_files = val_files
         seed_everything(cfg.seed)
-        shape = ModelShape.from_config(cfg)
-        model = GPT(shape).to(self.device)
+        model = build_model(cfg).to(self.device)
         # every rank built the same model from the same seed; broadcast anyway so a rank
         # that somehow differs can never train a different model silently
         for p in model.parameters():
             hdist.broadcast_(p.data)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and hasattr(model, "set_attention"):
             model.set_attention("flex")
         self.model = model
-        self.opt = Optimizers(model, cfg, info, split_step=self.schedule.split_step(cfg.embed_split_stage))
+        self.opt = build_optimizers(model, cfg, info, split_step=self.schedule.split_step(cfg.embed_split_stage))
         self.opt.attach_backward_hooks()
         self.diag = SpectralDiagnostics(cfg, info, self.opt, model) if cfg.diag_every > 0 else None
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
