@@ -30,8 +30,9 @@ decay multipliers, its update (eps outside the bias correction, cautious decay b
 stepped every adam_every-th step (2: odd steps, with the gradients of two steps summed). With
 tied_embed, the head and the embedding are one matrix until the split step: the embedding's
 gradient is added to the head's, the head is updated, and the embedding copies it; at the split
-the embedding takes over the head's Adam state. Gradients are all-reduced (on Adam steps only):
-a handful of tensors whose state fits a GPU; sharding them is left for later.
+the embedding takes over the head's Adam state. Sharded like the fork's DistAdam (on Adam steps
+only): every parameter's rows are split over the ranks, the gradients reduce-scattered (mean) in
+one bucket, each rank updates its rows with its share of the moments, the rows are all-gathered.
 """
 
 from __future__ import annotations
@@ -492,24 +493,85 @@ def adam_update_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_av
 
 @dataclass
 class AdamEntry:
+    """One Adam parameter, sharded by rows (dim 0, as the fork shards its embeddings): each rank
+    owns `rows` = ceil(R / world size) consecutive rows of the R, the last owner's block padded
+    with zero rows, and holds the moments of those rows only ((rows, *shape[1:]); at world
+    size 1 the parameter's shape)."""
+
     name: str
     label: str
     param: nn.Parameter
     setting: AdamSetting
+    rows: int
+    start: int  # this rank's first row (may be past the end: a rank with only padding)
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     t: int = 0
 
+    @classmethod
+    def create(cls, name: str, label: str, p: nn.Parameter, setting: AdamSetting, world_size: int, rank: int):
+        rows = math.ceil(num_rows(p) / world_size)
+        shape = (rows, *p.shape[1:])
+        return cls(name, label, p, setting, rows, rank * rows,
+                   torch.zeros(shape, dtype=torch.float32, device=p.device),
+                   torch.zeros(shape, dtype=torch.float32, device=p.device))
+
+    @property
+    def shard_numel(self) -> int:
+        return self.exp_avg.numel()
+
+    @property
+    def owned(self) -> int:
+        """How many of this rank's rows are real (the rest is padding)."""
+        return max(0, min(self.rows, num_rows(self.param) - self.start))
+
+
+def num_rows(t: torch.Tensor) -> int:
+    return t.shape[0] if t.ndim else 1
+
+
+def as_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (numel = rows x C) as a (rows, C) matrix."""
+    return t.reshape(rows, -1)
+
+
+def pack_rows(blocks: torch.Tensor, src: torch.Tensor) -> None:
+    """blocks (world, rows, C) <- src (R, C) split into consecutive blocks of rows, one per rank,
+    the tail zero-padded."""
+    world, rows, _ = blocks.shape
+    full, rem = divmod(src.size(0), rows)
+    blocks[:full].copy_(src[: full * rows].view(full, rows, -1))
+    if full < world:
+        blocks[full, :rem].copy_(src[full * rows:])
+        blocks[full, rem:].zero_()
+        blocks[full + 1:].zero_()
+
+
+def unpack_rows(blocks: torch.Tensor, dst: torch.Tensor) -> None:
+    """The inverse of pack_rows: dst (R, C) <- the real rows of blocks (world, rows, C)."""
+    rows = blocks.size(1)
+    full, rem = divmod(dst.size(0), rows)
+    dst[: full * rows].view(full, rows, -1).copy_(blocks[:full])
+    if rem:
+        dst[full * rows:].copy_(blocks[full, :rem])
+
 
 class LabelledAdam:
-    """Adam over labelled parameters, all-reduced, every `adam_every`-th step, with the
-    embedding tied to the head until `split_step` (cfg.tied_embed)."""
+    """Adam over labelled parameters, every `adam_every`-th step, with the embedding tied to the
+    head until `split_step` (cfg.tied_embed), sharded over ranks (ZeRO-1, the fork's DistAdam):
+    the gradients of the parameters it updates go into one bucket, rank-major (every
+    parameter's row block for rank 0, then rank 1's, ...), which is reduce-scattered (mean):
+    each rank receives its rows of every parameter, updates them with its share of the moments,
+    and the updated rows are all-gathered into the parameters. Per-rank Adam state and update
+    work fall as 1 / world size; the state dict gathers the whole state (any world size loads it)."""
 
-    def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None):
+    def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None,
+                 info: hdist.DistInfo | None = None):
         settings = adam_settings(cfg)
         self.cfg = cfg
-        self.entries = [AdamEntry(name, label, p, settings[label], torch.zeros_like(p, dtype=torch.float32),
-                                  torch.zeros_like(p, dtype=torch.float32)) for name, label, p in named]
+        self.world_size, self.rank = (info.world_size, info.rank) if info is not None else (1, 0)
+        self.entries = [AdamEntry.create(name, label, p, settings[label], self.world_size, self.rank)
+                        for name, label, p in named]
         by_label = {e.label: e for e in self.entries}
         self.head, self.embed = by_label.get("lm_head"), by_label.get("embed")
         self.split_step = split_step if cfg.tied_embed and self.head and self.embed else None
@@ -531,43 +593,81 @@ class LabelledAdam:
     def _active(self) -> list[AdamEntry]:
         return [e for e in self.entries if not (self.tied and e is self.embed)]
 
+    def _layout(self) -> list[tuple[AdamEntry, int]]:
+        """(entry, offset in a rank's row of the bucket) for every parameter updated now."""
+        out, offset = [], 0
+        for e in self._active():
+            out.append((e, offset))
+            offset += e.shard_numel
+        return out
+
+    def _bucket_blocks(self, bucket: torch.Tensor, e: AdamEntry, offset: int) -> torch.Tensor:
+        """e's (world, rows, C) blocks in a (world, S) bucket."""
+        return bucket[:, offset: offset + e.shard_numel].view(self.world_size, e.rows, -1)
+
     def launch_reduce(self) -> None:
+        """Start the reduce-scatter of the gradients (pack them into the bucket first)."""
         if self.tied and self.embed.param.grad is not None:
             # one matrix while tied: the head takes the embedding's gradient too
             if self.head.param.grad is None:
                 self.head.param.grad = torch.zeros_like(self.head.param)
             self.head.param.grad.add_(self._like(self.embed.param.grad, self.head.param))
-        grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in self._active()]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        self._pending = (hdist.all_reduce_mean_async(flat), flat)
+        layout = self._layout()
+        size = sum(e.shard_numel for e, _ in layout)
+        device = self.entries[0].param.device
+        bucket = torch.empty(self.world_size, size, dtype=torch.float32, device=device)
+        for e, offset in layout:
+            blocks = self._bucket_blocks(bucket, e, offset)
+            g = e.param.grad
+            if g is None:
+                blocks.zero_()
+            else:
+                pack_rows(blocks, as_rows(g, num_rows(e.param)))
+        if self.world_size == 1:
+            shard = bucket.view(-1)
+            self._pending = (lambda: shard), shard
+        else:
+            shard = torch.empty(size, dtype=torch.float32, device=device)
+            self._pending = hdist.reduce_scatter_mean_async(shard, bucket.view(-1)), shard
 
     def reduced(self) -> torch.Tensor:
-        """The averaged gradients as one flat buffer (waiting for the reduction if needed)."""
+        """This rank's rows of the averaged gradients, every updated parameter's in turn, as one
+        flat buffer (waiting for the reduction if needed; padding rows are zero)."""
         if self._pending is None:
             self.launch_reduce()
-        wait, flat = self._pending
-        self._pending = (lambda: flat), flat
+        wait, shard = self._pending
+        self._pending = (lambda: shard), shard  # drops the bucket
         return wait()
 
     @torch.no_grad()
     def step(self, step: int, lr_mul: float) -> None:
         cfg = self.cfg
-        flat = self.reduced()
+        grads = self.reduced()
         self._pending = None
-        offset = 0
-        for e in self._active():
-            n = e.param.numel()
-            g = flat[offset: offset + n].view_as(e.param)
-            offset += n
+        layout = self._layout()
+        mine = torch.empty_like(grads)  # this rank's updated rows, every parameter's in turn
+        for e, offset in layout:
+            p = mine[offset: offset + e.shard_numel].view(e.rows, -1)
+            n = e.owned
+            p[:n].copy_(as_rows(e.param.data, num_rows(e.param))[e.start: e.start + n])
+            p[n:].zero_()  # padding: zero gradient and moments keep it at zero
+            g = grads[offset: offset + e.shard_numel].view_as(p)
             e.t += 1
             lr = cfg.adam_lr * lr_mul * e.setting.lr_mul
-            adam_update_(e.param.data, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
+            adam_update_(p, g.to(e.param.dtype), e.exp_avg.view_as(p), e.exp_avg_sq.view_as(p), e.t, lr,
                          e.setting.beta1, e.setting.beta2, cfg.adam_eps, cfg.adam_wd * e.setting.wd_mul)
+        if self.world_size == 1:
+            everyone = mine.view(1, -1)
+        else:
+            everyone = torch.empty(self.world_size, mine.numel(), dtype=mine.dtype, device=mine.device)
+            hdist.all_gather_async(everyone.view(-1), mine)()
+        for e, offset in layout:
+            unpack_rows(self._bucket_blocks(everyone, e, offset), as_rows(e.param.data, num_rows(e.param)))
         if self.tied:
             self.embed.param.data.copy_(self._like(self.head.param.data, self.embed.param))
             if step == self.split_step:  # untie: the embedding goes on from the head's state
                 for key in ("exp_avg", "exp_avg_sq"):
-                    getattr(self.embed, key).copy_(self._like(getattr(self.head, key), self.embed.param))
+                    self._load_rows(self.embed, key, self._like(self._gather(self.head, key), self.embed.param))
                 self.embed.t = self.head.t
                 self.tied = False
 
@@ -575,27 +675,48 @@ class LabelledAdam:
         for e in self.entries:
             e.param.grad = None
 
+    def _gather(self, e: AdamEntry, key: str) -> torch.Tensor:
+        """The whole moment `key` of e, in the parameter's shape (a collective at world size > 1)."""
+        shard = getattr(e, key)
+        if self.world_size == 1:
+            return shard.view(e.param.shape)
+        full = torch.empty(self.world_size * e.rows, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+        hdist.all_gather_async(full, shard)()
+        R = num_rows(e.param)
+        # clone the real rows: torch.save writes a view's whole storage
+        return (full[:R].clone() if R < full.size(0) else full).view(e.param.shape)
+
+    def _load_rows(self, e: AdamEntry, key: str, full: torch.Tensor) -> None:
+        """Take this rank's rows of a whole moment (padding rows zero, as in a fresh run)."""
+        mine = getattr(e, key)
+        n = e.owned
+        mine.zero_()
+        as_rows(mine, e.rows)[:n].copy_(as_rows(full, num_rows(e.param))[e.start: e.start + n])
+
     def state_dict(self) -> dict:
-        """Per parameter name: the moments and the step count; whether the embedding is still
-        tied; and, between the two steps of an adam_every=2 pair, the gradients summed so far."""
+        """Per parameter name: the whole moments (gathered from every rank's rows: a collective,
+        every rank must call it) and the step count; whether the embedding is still tied; and,
+        between the two steps of an adam_every=2 pair, the gradients summed so far (this rank's)."""
         return {
             "tied": self.tied,
-            "params": {e.name: {"exp_avg": e.exp_avg.cpu(), "exp_avg_sq": e.exp_avg_sq.cpu(), "t": e.t}
+            "params": {e.name: {"exp_avg": self._gather(e, "exp_avg").cpu(),
+                                "exp_avg_sq": self._gather(e, "exp_avg_sq").cpu(), "t": e.t}
                        for e in self.entries},
             "pending_grads": {e.name: e.param.grad.detach().cpu() for e in self.entries if e.param.grad is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a whole state written by state_dict (any world size)."""
         saved = state["params"]
         if set(saved) != {e.name for e in self.entries}:
             raise ValueError(f"Adam state for {sorted(saved)[:4]}... does not match these parameters")
         for e in self.entries:
             s = saved[e.name]
             for key in ("exp_avg", "exp_avg_sq"):
-                mine = getattr(e, key)
-                if tuple(s[key].shape) != tuple(mine.shape):
-                    raise ValueError(f"Adam {key} of {e.name} has shape {tuple(s[key].shape)}, not {tuple(mine.shape)}")
-                mine.copy_(s[key])
+                if tuple(s[key].shape) != tuple(e.param.shape):
+                    raise ValueError(f"Adam {key} of {e.name} has shape {tuple(s[key].shape)},"
+                                     f" not {tuple(e.param.shape)}")
+                self._load_rows(e, key, s[key].to(e.exp_avg.device))
             e.t = int(s["t"])
             pending = state.get("pending_grads", {}).get(e.name)
             e.param.grad = None if pending is None else pending.to(e.param.device, e.param.dtype).clone()
@@ -619,7 +740,7 @@ class Optimizers:
         self.assignment = {s.name: "muon" if s.optim == "muon" else f"adam_{s.label}" for s in specs}
         self.muon = ShardedMuon(matrix_refs(specs, params), cfg, info)
         self.adam = LabelledAdam([(s.name, s.label, params[s.name]) for s in specs if s.optim == "adam"],
-                                 cfg, split_step)
+                                 cfg, split_step, info)
         self.muon_params = [params[s.name] for s in specs if s.optim == "muon"]
         self._adam_stepped = True
         self.model = model
@@ -652,21 +773,18 @@ class Optimizers:
     @torch.no_grad()
     def _clip(self, clip: float, adam_due: bool) -> float:
         shares = self.muon.reduced_shares()
-        flat = self.adam.reduced() if adam_due else None  # the same on every rank
-        # every real matrix is owned by exactly one rank (padding is zero): sum the squares
-        muon_sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
+        if adam_due:
+            shares = shares + [self.adam.reduced()]
+        # every real matrix and every real Adam row is owned by exactly one rank (padding is
+        # zero): the global norm is the sum over ranks of each rank's sum of squares
+        sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
         for s in shares:
-            muon_sq += s.double().square().sum()
-        total = hdist.all_reduce_sum_(muon_sq)
-        if flat is not None:
-            total = total + flat.double().square().sum()
-        norm = float(total.sqrt().item())
+            sq += s.double().square().sum()
+        norm = float(hdist.all_reduce_sum_(sq).sqrt().item())
         coef = clip / (norm + 1e-6)
         if coef < 1.0:
             for s in shares:
                 s.mul_(coef)
-            if flat is not None:
-                flat.mul_(coef)
         return norm
 
     def zero_grad(self) -> None:
