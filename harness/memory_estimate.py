@@ -7,9 +7,12 @@ Items (bytes per rank):
   gradients      p.grad, same shape and dtype as the parameter, whole on every rank
   muon momentum  ShardedMuon's float32 momentum: this rank's share (ceil(n/W) matrices per shape)
   normuon v      NorMuon's float32 second moment, (m, 1) or (1, n) per owned matrix
-  adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq, whole on every rank (not sharded)
+  adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq: this rank's rows (ceil(R/W) of
+                 every parameter's R rows)
   step buffers   at the optimizer step: Muon's padded float32 stack of the gradients and the
-                 reduce-scatter output, and Adam's flat float32 all-reduce buffer
+                 reduce-scatter output; Adam's float32 bucket of W row blocks of every parameter
+                 (reduce-scattered, freed, then one of the same size all-gathered into) and two
+                 shards of it (the reduced gradient rows and the updated rows)
   activations    what autograd saves in one micro-batch's forward, parameters themselves excluded (the largest over the batch
                  stages: tokens = batch_size / micro_batches, the stage's MTP weights and windows),
                  counted by saved-tensor hooks on a meta-device forward, each tensor once. Two
@@ -84,7 +87,8 @@ def optimizer_bytes(opt) -> dict[str, int]:
 
 def step_buffer_bytes(opt) -> int:
     muon = sum((g.padded + g.per_rank) * math.prod(g.shape) * 4 for g in opt.muon.groups)
-    adam = sum(e.param.numel() for e in opt.adam.entries) * 4
+    shard = sum(e.shard_numel for e in opt.adam.entries)  # untied: the embedding is in the bucket too
+    adam = (opt.adam.world_size + 2) * shard * 4
     return muon + adam
 
 
@@ -151,9 +155,10 @@ def estimate(cfg: Config, world_size: int = 8) -> list[MemoryItem]:
     items = [MemoryItem("parameters", params, ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in by_dtype.items())),
              MemoryItem("gradients", params, "same dtype as the parameters, whole")]
     for name, b in optimizer_bytes(opt).items():
-        note = "float32, whole on every rank" if name == "adam moments" else f"float32, 1/{world_size} share"
+        note = f"float32, 1/{world_size} share"
         items.append(MemoryItem(name, b, note))
-    items.append(MemoryItem("step buffers", step_buffer_bytes(opt), "Muon stack + reduce-scatter out, Adam flat"))
+    items.append(MemoryItem("step buffers", step_buffer_bytes(opt), "Muon stack + reduce-scatter out,"
+                                                                       " Adam bucket + 2 shards"))
     best = None
     for k, tokens_global in enumerate(cfg.batch_sizes):
         tokens = tokens_global // cfg.micro_batches
