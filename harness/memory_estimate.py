@@ -10,9 +10,10 @@ Items (bytes per rank):
   adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq: this rank's rows (ceil(R/W) of
                  every parameter's R rows)
   step buffers   at the optimizer step: Muon's padded float32 stack of the gradients and the
-                 reduce-scatter output; Adam's float32 bucket of W row blocks of every parameter
-                 (reduce-scattered, freed, then one of the same size all-gathered into) and two
-                 shards of it (the reduced gradient rows and the updated rows)
+                 reduce-scatter output; Adam's float32 rows of each mean gradient (the
+                 reduce-scatter's output; the parameter itself is all-gathered into), and for a
+                 parameter whose rows W does not divide, its zero-padded gradient, padded rows
+                 and padded all-gather output
   activations    what autograd saves in one micro-batch's forward, parameters themselves excluded (the largest over the batch
                  stages: tokens = batch_size / micro_batches, the stage's MTP weights and windows),
                  counted by saved-tensor hooks on a meta-device forward, each tensor once. Two
@@ -87,8 +88,8 @@ def optimizer_bytes(opt) -> dict[str, int]:
 
 def step_buffer_bytes(opt) -> int:
     muon = sum((g.padded + g.per_rank) * math.prod(g.shape) * 4 for g in opt.muon.groups)
-    shard = sum(e.shard_numel for e in opt.adam.entries)  # untied: the embedding is in the bucket too
-    adam = (opt.adam.world_size + 2) * shard * 4
+    # untied: the embedding is reduced too
+    adam = sum(e.exp_avg.numel() * (2 * e.world_size + 2 if e.padded else 1) for e in opt.adam.entries) * 4
     return muon + adam
 
 
@@ -158,7 +159,7 @@ def estimate(cfg: Config, world_size: int = 8) -> list[MemoryItem]:
         note = f"float32, 1/{world_size} share"
         items.append(MemoryItem(name, b, note))
     items.append(MemoryItem("step buffers", step_buffer_bytes(opt), "Muon stack + reduce-scatter out,"
-                                                                       " Adam bucket + 2 shards"))
+                                                                       " Adam gradient rows (+ padded copies)"))
     best = None
     for k, tokens_global in enumerate(cfg.batch_sizes):
         tokens = tokens_global // cfg.micro_batches

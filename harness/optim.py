@@ -31,8 +31,8 @@ stepped every adam_every-th step (2: odd steps, with the gradients of two steps 
 tied_embed, the head and the embedding are one matrix until the split step: the embedding's
 gradient is added to the head's, the head is updated, and the embedding copies it; at the split
 the embedding takes over the head's Adam state. Sharded like the fork's DistAdam (on Adam steps
-only): every parameter's rows are split over the ranks, the gradients reduce-scattered (mean) in
-one bucket, each rank updates its rows with its share of the moments, the rows are all-gathered.
+only): every parameter's rows are split over the ranks, its gradient reduce-scattered (mean), each
+rank updates its rows with its rows of the moments, and the rows are all-gathered.
 """
 
 from __future__ import annotations
@@ -493,15 +493,16 @@ def adam_update_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_av
 
 @dataclass
 class AdamEntry:
-    """One Adam parameter, sharded by rows (dim 0, as the fork shards its embeddings): each rank
-    owns `rows` = ceil(R / world size) consecutive rows of the R, the last owner's block padded
-    with zero rows, and holds the moments of those rows only ((rows, *shape[1:]); at world
-    size 1 the parameter's shape)."""
+    """One Adam parameter, sharded by rows (dim 0) as the fork shards its embeddings: each of the
+    W ranks owns `rows` = ceil(R / W) consecutive rows of the R (the last owners' blocks padded
+    with zero rows where W does not divide R) and holds the moments of those rows only
+    ((rows, *shape[1:]); at world size 1 the parameter's shape)."""
 
     name: str
     label: str
     param: nn.Parameter
     setting: AdamSetting
+    world_size: int
     rows: int
     start: int  # this rank's first row (may be past the end: a rank with only padding)
     exp_avg: torch.Tensor
@@ -512,58 +513,46 @@ class AdamEntry:
     def create(cls, name: str, label: str, p: nn.Parameter, setting: AdamSetting, world_size: int, rank: int):
         rows = math.ceil(num_rows(p) / world_size)
         shape = (rows, *p.shape[1:])
-        return cls(name, label, p, setting, rows, rank * rows,
+        return cls(name, label, p, setting, world_size, rows, rank * rows,
                    torch.zeros(shape, dtype=torch.float32, device=p.device),
                    torch.zeros(shape, dtype=torch.float32, device=p.device))
 
     @property
-    def shard_numel(self) -> int:
-        return self.exp_avg.numel()
+    def padded(self) -> bool:
+        """Whether W does not divide the rows (the collectives then go through padded copies)."""
+        return self.rows * self.world_size != num_rows(self.param)
 
     @property
     def owned(self) -> int:
         """How many of this rank's rows are real (the rest is padding)."""
         return max(0, min(self.rows, num_rows(self.param) - self.start))
 
+    def by_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of the parameter's shape viewed as (R, *shape[1:]) (a 0-d one as (1,))."""
+        return t.view(num_rows(self.param), *self.param.shape[1:])
+
+    def padded_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t (the parameter's shape) as (W x rows, *shape[1:]): t itself where W divides the rows,
+        else a copy with zero rows at the end."""
+        t = self.by_rows(t)
+        if not self.padded:
+            return t
+        out = t.new_zeros(self.rows * self.world_size, *t.shape[1:])
+        out[: t.size(0)].copy_(t)
+        return out
+
 
 def num_rows(t: torch.Tensor) -> int:
     return t.shape[0] if t.ndim else 1
 
 
-def as_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """t (numel = rows x C) as a (rows, C) matrix."""
-    return t.reshape(rows, -1)
-
-
-def pack_rows(blocks: torch.Tensor, src: torch.Tensor) -> None:
-    """blocks (world, rows, C) <- src (R, C) split into consecutive blocks of rows, one per rank,
-    the tail zero-padded."""
-    world, rows, _ = blocks.shape
-    full, rem = divmod(src.size(0), rows)
-    blocks[:full].copy_(src[: full * rows].view(full, rows, -1))
-    if full < world:
-        blocks[full, :rem].copy_(src[full * rows:])
-        blocks[full, rem:].zero_()
-        blocks[full + 1:].zero_()
-
-
-def unpack_rows(blocks: torch.Tensor, dst: torch.Tensor) -> None:
-    """The inverse of pack_rows: dst (R, C) <- the real rows of blocks (world, rows, C)."""
-    rows = blocks.size(1)
-    full, rem = divmod(dst.size(0), rows)
-    dst[: full * rows].view(full, rows, -1).copy_(blocks[:full])
-    if rem:
-        dst[full * rows:].copy_(blocks[full, :rem])
-
-
 class LabelledAdam:
     """Adam over labelled parameters, every `adam_every`-th step, with the embedding tied to the
-    head until `split_step` (cfg.tied_embed), sharded over ranks (ZeRO-1, the fork's DistAdam):
-    the gradients of the parameters it updates go into one bucket, rank-major (every
-    parameter's row block for rank 0, then rank 1's, ...), which is reduce-scattered (mean):
-    each rank receives its rows of every parameter, updates them with its share of the moments,
-    and the updated rows are all-gathered into the parameters. Per-rank Adam state and update
-    work fall as 1 / world size; the state dict gathers the whole state (any world size loads it)."""
+    head until `split_step` (cfg.tied_embed), sharded over ranks as the fork's DistAdam (ZeRO-1):
+    each parameter's gradient is reduce-scattered (mean) by rows, each rank updates its rows
+    with its rows of the moments, and the rows are all-gathered into the parameter (in place
+    where the world size divides the rows). Per-rank Adam state and update work fall as 1 /
+    world size; the state dict gathers the whole state (any world size loads it)."""
 
     def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None,
                  info: hdist.DistInfo | None = None):
@@ -580,7 +569,8 @@ class LabelledAdam:
                                                               tuple(self.embed.param.shape[::-1])):
             raise ValueError(f"tied_embed: head {tuple(self.head.param.shape)} and embedding"
                              f" {tuple(self.embed.param.shape)} are not one matrix")
-        self._pending: tuple[Callable[[], torch.Tensor], torch.Tensor] | None = None
+        # per parameter updated this step: a function that waits for its rows of the mean gradient
+        self._pending: list[tuple[AdamEntry, Callable[[], torch.Tensor]]] | None = None
 
     def due(self, step: int) -> bool:
         return self.cfg.adam_every == 1 or step % 2 == 1
@@ -593,76 +583,58 @@ class LabelledAdam:
     def _active(self) -> list[AdamEntry]:
         return [e for e in self.entries if not (self.tied and e is self.embed)]
 
-    def _layout(self) -> list[tuple[AdamEntry, int]]:
-        """(entry, offset in a rank's row of the bucket) for every parameter updated now."""
-        out, offset = [], 0
-        for e in self._active():
-            out.append((e, offset))
-            offset += e.shard_numel
-        return out
-
-    def _bucket_blocks(self, bucket: torch.Tensor, e: AdamEntry, offset: int) -> torch.Tensor:
-        """e's (world, rows, C) blocks in a (world, S) bucket."""
-        return bucket[:, offset: offset + e.shard_numel].view(self.world_size, e.rows, -1)
-
     def launch_reduce(self) -> None:
-        """Start the reduce-scatter of the gradients (pack them into the bucket first)."""
+        """Start the reduce-scatter of every updated parameter's gradient."""
         if self.tied and self.embed.param.grad is not None:
             # one matrix while tied: the head takes the embedding's gradient too
             if self.head.param.grad is None:
                 self.head.param.grad = torch.zeros_like(self.head.param)
             self.head.param.grad.add_(self._like(self.embed.param.grad, self.head.param))
-        layout = self._layout()
-        size = sum(e.shard_numel for e, _ in layout)
-        device = self.entries[0].param.device
-        bucket = torch.empty(self.world_size, size, dtype=torch.float32, device=device)
-        for e, offset in layout:
-            blocks = self._bucket_blocks(bucket, e, offset)
-            g = e.param.grad
-            if g is None:
-                blocks.zero_()
-            else:
-                pack_rows(blocks, as_rows(g, num_rows(e.param)))
-        if self.world_size == 1:
-            shard = bucket.view(-1)
-            self._pending = (lambda: shard), shard
-        else:
-            shard = torch.empty(size, dtype=torch.float32, device=device)
-            self._pending = hdist.reduce_scatter_mean_async(shard, bucket.view(-1)), shard
+        self._pending = [(e, self._reduce_rows(e)) for e in self._active()]
 
-    def reduced(self) -> torch.Tensor:
-        """This rank's rows of the averaged gradients, every updated parameter's in turn, as one
-        flat buffer (waiting for the reduction if needed; padding rows are zero)."""
+    def _reduce_rows(self, e: AdamEntry) -> Callable[[], torch.Tensor]:
+        g = e.param.grad
+        g = torch.zeros_like(e.param, dtype=torch.float32) if g is None else g.float()
+        if self.world_size == 1:  # a copy all the same: clipping scales it, p.grad stays as it was
+            shard = e.by_rows(g).clone()
+            return lambda: shard
+        shard = torch.empty_like(e.exp_avg)
+        return hdist.reduce_scatter_mean_async(shard, e.padded_rows(g))
+
+    def reduced(self) -> list[torch.Tensor]:
+        """This rank's rows of every updated parameter's mean gradient ((rows, *shape[1:]) each,
+        padding rows zero), waiting for the reductions if needed."""
         if self._pending is None:
             self.launch_reduce()
-        wait, shard = self._pending
-        self._pending = (lambda: shard), shard  # drops the bucket
-        return wait()
+        shards = [wait() for _, wait in self._pending]
+        self._pending = [(e, (lambda s=s: s)) for (e, _), s in zip(self._pending, shards)]
+        return shards
 
     @torch.no_grad()
     def step(self, step: int, lr_mul: float) -> None:
         cfg = self.cfg
-        grads = self.reduced()
+        shards = self.reduced()
+        entries = [e for e, _ in self._pending]
         self._pending = None
-        layout = self._layout()
-        mine = torch.empty_like(grads)  # this rank's updated rows, every parameter's in turn
-        for e, offset in layout:
-            p = mine[offset: offset + e.shard_numel].view(e.rows, -1)
-            n = e.owned
-            p[:n].copy_(as_rows(e.param.data, num_rows(e.param))[e.start: e.start + n])
-            p[n:].zero_()  # padding: zero gradient and moments keep it at zero
-            g = grads[offset: offset + e.shard_numel].view_as(p)
+        gathers = []
+        for e, g in zip(entries, shards):
+            rows = e.by_rows(e.param.data)
+            if e.padded:  # a copy of this rank's rows, zero-padded (padding stays zero: g and moments are)
+                mine = rows.new_zeros(e.rows, *rows.shape[1:])
+                mine[: e.owned].copy_(rows[e.start: e.start + e.owned])
+            else:  # this rank's rows of the parameter itself
+                mine = rows[e.start: e.start + e.rows]
             e.t += 1
             lr = cfg.adam_lr * lr_mul * e.setting.lr_mul
-            adam_update_(p, g.to(e.param.dtype), e.exp_avg.view_as(p), e.exp_avg_sq.view_as(p), e.t, lr,
+            adam_update_(mine, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
                          e.setting.beta1, e.setting.beta2, cfg.adam_eps, cfg.adam_wd * e.setting.wd_mul)
-        if self.world_size == 1:
-            everyone = mine.view(1, -1)
-        else:
-            everyone = torch.empty(self.world_size, mine.numel(), dtype=mine.dtype, device=mine.device)
-            hdist.all_gather_async(everyone.view(-1), mine)()
-        for e, offset in layout:
-            unpack_rows(self._bucket_blocks(everyone, e, offset), as_rows(e.param.data, num_rows(e.param)))
+            if self.world_size > 1:
+                full = rows.new_empty(e.rows * self.world_size, *rows.shape[1:]) if e.padded else rows
+                gathers.append((e, full, hdist.all_gather_async(full, mine)))
+        for e, full, wait in gathers:
+            wait()
+            if e.padded:
+                e.by_rows(e.param.data).copy_(full[: num_rows(e.param)])
         if self.tied:
             self.embed.param.data.copy_(self._like(self.head.param.data, self.embed.param))
             if step == self.split_step:  # untie: the embedding goes on from the head's state
@@ -684,14 +656,13 @@ class LabelledAdam:
         hdist.all_gather_async(full, shard)()
         R = num_rows(e.param)
         # clone the real rows: torch.save writes a view's whole storage
-        return (full[:R].clone() if R < full.size(0) else full).view(e.param.shape)
+        return (full[:R].clone() if e.padded else full).view(e.param.shape)
 
     def _load_rows(self, e: AdamEntry, key: str, full: torch.Tensor) -> None:
         """Take this rank's rows of a whole moment (padding rows zero, as in a fresh run)."""
         mine = getattr(e, key)
-        n = e.owned
         mine.zero_()
-        as_rows(mine, e.rows)[:n].copy_(as_rows(full, num_rows(e.param))[e.start: e.start + n])
+        mine[: e.owned].copy_(e.by_rows(full.contiguous())[e.start: e.start + e.owned])
 
     def state_dict(self) -> dict:
         """Per parameter name: the whole moments (gathered from every rank's rows: a collective,
@@ -774,7 +745,7 @@ class Optimizers:
     def _clip(self, clip: float, adam_due: bool) -> float:
         shares = self.muon.reduced_shares()
         if adam_due:
-            shares = shares + [self.adam.reduced()]
+            shares = shares + self.adam.reduced()
         # every real matrix and every real Adam row is owned by exactly one rank (padding is
         # zero): the global norm is the sum over ranks of each rank's sum of squares
         sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
