@@ -149,12 +149,17 @@ def all_reduce_mean_async(t: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 
 def reduce_scatter_mean_async(out: torch.Tensor, inp: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """out <- this rank's contiguous share of the mean of inp over ranks (dim 0 split)."""
+    """out <- this rank's contiguous share of the mean of inp over ranks (dim 0 split). On gloo,
+    SUM then a division of the share: the same bits as its AVG, which divides the whole input."""
     if not _is_dist():
         out.copy_(inp)
         return lambda: out
-    work = dist.reduce_scatter_tensor(out, inp.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
-    return lambda: (work.wait(), out)[1]
+    if dist.get_backend() == "nccl":
+        work = dist.reduce_scatter_tensor(out, inp.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
+        return lambda: (work.wait(), out)[1]
+    work = dist.reduce_scatter_tensor(out, inp.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
+    n = dist.get_world_size()
+    return lambda: (work.wait(), out.div_(n))[1]
 
 
 def all_gather_async(out: torch.Tensor, inp: torch.Tensor) -> Callable[[], torch.Tensor]:

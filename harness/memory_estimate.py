@@ -7,9 +7,13 @@ Items (bytes per rank):
   gradients      p.grad, same shape and dtype as the parameter, whole on every rank
   muon momentum  ShardedMuon's float32 momentum: this rank's share (ceil(n/W) matrices per shape)
   normuon v      NorMuon's float32 second moment, (m, 1) or (1, n) per owned matrix
-  adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq, whole on every rank (not sharded)
+  adam moments   LabelledAdam's float32 exp_avg and exp_avg_sq: this rank's rows (ceil(R/W) of
+                 every parameter's R rows)
   step buffers   at the optimizer step: Muon's padded float32 stack of the gradients and the
-                 reduce-scatter output, and Adam's flat float32 all-reduce buffer
+                 reduce-scatter output; Adam's float32 rows of each mean gradient (the
+                 reduce-scatter's output; the parameter itself is all-gathered into), and for a
+                 parameter whose rows W does not divide, its zero-padded gradient, padded rows
+                 and padded all-gather output
   activations    what autograd saves in one micro-batch's forward, parameters themselves excluded (the largest over the batch
                  stages: tokens = batch_size / micro_batches, the stage's MTP weights and windows),
                  counted by saved-tensor hooks on a meta-device forward, each tensor once. Two
@@ -84,7 +88,8 @@ def optimizer_bytes(opt) -> dict[str, int]:
 
 def step_buffer_bytes(opt) -> int:
     muon = sum((g.padded + g.per_rank) * math.prod(g.shape) * 4 for g in opt.muon.groups)
-    adam = sum(e.param.numel() for e in opt.adam.entries) * 4
+    # untied: the embedding is reduced too
+    adam = sum(e.exp_avg.numel() * (2 * e.world_size + 2 if e.padded else 1) for e in opt.adam.entries) * 4
     return muon + adam
 
 
@@ -151,9 +156,10 @@ def estimate(cfg: Config, world_size: int = 8) -> list[MemoryItem]:
     items = [MemoryItem("parameters", params, ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in by_dtype.items())),
              MemoryItem("gradients", params, "same dtype as the parameters, whole")]
     for name, b in optimizer_bytes(opt).items():
-        note = "float32, whole on every rank" if name == "adam moments" else f"float32, 1/{world_size} share"
+        note = f"float32, 1/{world_size} share"
         items.append(MemoryItem(name, b, note))
-    items.append(MemoryItem("step buffers", step_buffer_bytes(opt), "Muon stack + reduce-scatter out, Adam flat"))
+    items.append(MemoryItem("step buffers", step_buffer_bytes(opt), "Muon stack + reduce-scatter out,"
+                                                                       " Adam gradient rows (+ padded copies)"))
     best = None
     for k, tokens_global in enumerate(cfg.batch_sizes):
         tokens = tokens_global // cfg.micro_batches

@@ -30,8 +30,9 @@ decay multipliers, its update (eps outside the bias correction, cautious decay b
 stepped every adam_every-th step (2: odd steps, with the gradients of two steps summed). With
 tied_embed, the head and the embedding are one matrix until the split step: the embedding's
 gradient is added to the head's, the head is updated, and the embedding copies it; at the split
-the embedding takes over the head's Adam state. Gradients are all-reduced (on Adam steps only):
-a handful of tensors whose state fits a GPU; sharding them is left for later.
+the embedding takes over the head's Adam state. Sharded like the fork's DistAdam (on Adam steps
+only): every parameter's rows are split over the ranks, its gradient reduce-scattered (mean), each
+rank updates its rows with its rows of the moments, and the rows are all-gathered.
 """
 
 from __future__ import annotations
@@ -492,24 +493,74 @@ def adam_update_(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_av
 
 @dataclass
 class AdamEntry:
+    """One Adam parameter, sharded by rows (dim 0) as the fork shards its embeddings: each of the
+    W ranks owns `rows` = ceil(R / W) consecutive rows of the R (the last owners' blocks padded
+    with zero rows where W does not divide R) and holds the moments of those rows only
+    ((rows, *shape[1:]); at world size 1 the parameter's shape)."""
+
     name: str
     label: str
     param: nn.Parameter
     setting: AdamSetting
+    world_size: int
+    rows: int
+    start: int  # this rank's first row (may be past the end: a rank with only padding)
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     t: int = 0
 
+    @classmethod
+    def create(cls, name: str, label: str, p: nn.Parameter, setting: AdamSetting, world_size: int, rank: int):
+        rows = math.ceil(num_rows(p) / world_size)
+        shape = (rows, *p.shape[1:])
+        return cls(name, label, p, setting, world_size, rows, rank * rows,
+                   torch.zeros(shape, dtype=torch.float32, device=p.device),
+                   torch.zeros(shape, dtype=torch.float32, device=p.device))
+
+    @property
+    def padded(self) -> bool:
+        """Whether W does not divide the rows (the collectives then go through padded copies)."""
+        return self.rows * self.world_size != num_rows(self.param)
+
+    @property
+    def owned(self) -> int:
+        """How many of this rank's rows are real (the rest is padding)."""
+        return max(0, min(self.rows, num_rows(self.param) - self.start))
+
+    def by_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of the parameter's shape viewed as (R, *shape[1:]) (a 0-d one as (1,))."""
+        return t.view(num_rows(self.param), *self.param.shape[1:])
+
+    def padded_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """t (the parameter's shape) as (W x rows, *shape[1:]): t itself where W divides the rows,
+        else a copy with zero rows at the end."""
+        t = self.by_rows(t)
+        if not self.padded:
+            return t
+        out = t.new_zeros(self.rows * self.world_size, *t.shape[1:])
+        out[: t.size(0)].copy_(t)
+        return out
+
+
+def num_rows(t: torch.Tensor) -> int:
+    return t.shape[0] if t.ndim else 1
+
 
 class LabelledAdam:
-    """Adam over labelled parameters, all-reduced, every `adam_every`-th step, with the
-    embedding tied to the head until `split_step` (cfg.tied_embed)."""
+    """Adam over labelled parameters, every `adam_every`-th step, with the embedding tied to the
+    head until `split_step` (cfg.tied_embed), sharded over ranks as the fork's DistAdam (ZeRO-1):
+    each parameter's gradient is reduce-scattered (mean) by rows, each rank updates its rows
+    with its rows of the moments, and the rows are all-gathered into the parameter (in place
+    where the world size divides the rows). Per-rank Adam state and update work fall as 1 /
+    world size; the state dict gathers the whole state (any world size loads it)."""
 
-    def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None):
+    def __init__(self, named: list[tuple[str, str, nn.Parameter]], cfg: Config, split_step: int | None,
+                 info: hdist.DistInfo | None = None):
         settings = adam_settings(cfg)
         self.cfg = cfg
-        self.entries = [AdamEntry(name, label, p, settings[label], torch.zeros_like(p, dtype=torch.float32),
-                                  torch.zeros_like(p, dtype=torch.float32)) for name, label, p in named]
+        self.world_size, self.rank = (info.world_size, info.rank) if info is not None else (1, 0)
+        self.entries = [AdamEntry.create(name, label, p, settings[label], self.world_size, self.rank)
+                        for name, label, p in named]
         by_label = {e.label: e for e in self.entries}
         self.head, self.embed = by_label.get("lm_head"), by_label.get("embed")
         self.split_step = split_step if cfg.tied_embed and self.head and self.embed else None
@@ -518,7 +569,8 @@ class LabelledAdam:
                                                               tuple(self.embed.param.shape[::-1])):
             raise ValueError(f"tied_embed: head {tuple(self.head.param.shape)} and embedding"
                              f" {tuple(self.embed.param.shape)} are not one matrix")
-        self._pending: tuple[Callable[[], torch.Tensor], torch.Tensor] | None = None
+        # per parameter updated this step: a function that waits for its rows of the mean gradient
+        self._pending: list[tuple[AdamEntry, Callable[[], torch.Tensor]]] | None = None
 
     def due(self, step: int) -> bool:
         return self.cfg.adam_every == 1 or step % 2 == 1
@@ -532,42 +584,62 @@ class LabelledAdam:
         return [e for e in self.entries if not (self.tied and e is self.embed)]
 
     def launch_reduce(self) -> None:
+        """Start the reduce-scatter of every updated parameter's gradient."""
         if self.tied and self.embed.param.grad is not None:
             # one matrix while tied: the head takes the embedding's gradient too
             if self.head.param.grad is None:
                 self.head.param.grad = torch.zeros_like(self.head.param)
             self.head.param.grad.add_(self._like(self.embed.param.grad, self.head.param))
-        grads = [e.param.grad if e.param.grad is not None else torch.zeros_like(e.param) for e in self._active()]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        self._pending = (hdist.all_reduce_mean_async(flat), flat)
+        self._pending = [(e, self._reduce_rows(e)) for e in self._active()]
 
-    def reduced(self) -> torch.Tensor:
-        """The averaged gradients as one flat buffer (waiting for the reduction if needed)."""
+    def _reduce_rows(self, e: AdamEntry) -> Callable[[], torch.Tensor]:
+        g = e.param.grad
+        g = torch.zeros_like(e.param, dtype=torch.float32) if g is None else g.float()
+        if self.world_size == 1:  # a copy all the same: clipping scales it, p.grad stays as it was
+            shard = e.by_rows(g).clone()
+            return lambda: shard
+        shard = torch.empty_like(e.exp_avg)
+        return hdist.reduce_scatter_mean_async(shard, e.padded_rows(g))
+
+    def reduced(self) -> list[torch.Tensor]:
+        """This rank's rows of every updated parameter's mean gradient ((rows, *shape[1:]) each,
+        padding rows zero), waiting for the reductions if needed."""
         if self._pending is None:
             self.launch_reduce()
-        wait, flat = self._pending
-        self._pending = (lambda: flat), flat
-        return wait()
+        shards = [wait() for _, wait in self._pending]
+        self._pending = [(e, (lambda s=s: s)) for (e, _), s in zip(self._pending, shards)]
+        return shards
 
     @torch.no_grad()
     def step(self, step: int, lr_mul: float) -> None:
         cfg = self.cfg
-        flat = self.reduced()
+        shards = self.reduced()
+        entries = [e for e, _ in self._pending]
         self._pending = None
-        offset = 0
-        for e in self._active():
-            n = e.param.numel()
-            g = flat[offset: offset + n].view_as(e.param)
-            offset += n
+        gathers = []
+        for e, g in zip(entries, shards):
+            rows = e.by_rows(e.param.data)
+            if e.padded:  # a copy of this rank's rows, zero-padded (padding stays zero: g and moments are)
+                mine = rows.new_zeros(e.rows, *rows.shape[1:])
+                mine[: e.owned].copy_(rows[e.start: e.start + e.owned])
+            else:  # this rank's rows of the parameter itself
+                mine = rows[e.start: e.start + e.rows]
             e.t += 1
             lr = cfg.adam_lr * lr_mul * e.setting.lr_mul
-            adam_update_(e.param.data, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
+            adam_update_(mine, g.to(e.param.dtype), e.exp_avg, e.exp_avg_sq, e.t, lr,
                          e.setting.beta1, e.setting.beta2, cfg.adam_eps, cfg.adam_wd * e.setting.wd_mul)
+            if self.world_size > 1:
+                full = rows.new_empty(e.rows * self.world_size, *rows.shape[1:]) if e.padded else rows
+                gathers.append((e, full, hdist.all_gather_async(full, mine)))
+        for e, full, wait in gathers:
+            wait()
+            if e.padded:
+                e.by_rows(e.param.data).copy_(full[: num_rows(e.param)])
         if self.tied:
             self.embed.param.data.copy_(self._like(self.head.param.data, self.embed.param))
             if step == self.split_step:  # untie: the embedding goes on from the head's state
                 for key in ("exp_avg", "exp_avg_sq"):
-                    getattr(self.embed, key).copy_(self._like(getattr(self.head, key), self.embed.param))
+                    self._load_rows(self.embed, key, self._like(self._gather(self.head, key), self.embed.param))
                 self.embed.t = self.head.t
                 self.tied = False
 
@@ -575,27 +647,47 @@ class LabelledAdam:
         for e in self.entries:
             e.param.grad = None
 
+    def _gather(self, e: AdamEntry, key: str) -> torch.Tensor:
+        """The whole moment `key` of e, in the parameter's shape (a collective at world size > 1)."""
+        shard = getattr(e, key)
+        if self.world_size == 1:
+            return shard.view(e.param.shape)
+        full = torch.empty(self.world_size * e.rows, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+        hdist.all_gather_async(full, shard)()
+        R = num_rows(e.param)
+        # clone the real rows: torch.save writes a view's whole storage
+        return (full[:R].clone() if e.padded else full).view(e.param.shape)
+
+    def _load_rows(self, e: AdamEntry, key: str, full: torch.Tensor) -> None:
+        """Take this rank's rows of a whole moment (padding rows zero, as in a fresh run)."""
+        mine = getattr(e, key)
+        mine.zero_()
+        mine[: e.owned].copy_(e.by_rows(full.contiguous())[e.start: e.start + e.owned])
+
     def state_dict(self) -> dict:
-        """Per parameter name: the moments and the step count; whether the embedding is still
-        tied; and, between the two steps of an adam_every=2 pair, the gradients summed so far."""
+        """Per parameter name: the whole moments (gathered from every rank's rows: a collective,
+        every rank must call it) and the step count; whether the embedding is still tied; and,
+        between the two steps of an adam_every=2 pair, the gradients summed so far (this rank's)."""
         return {
             "tied": self.tied,
-            "params": {e.name: {"exp_avg": e.exp_avg.cpu(), "exp_avg_sq": e.exp_avg_sq.cpu(), "t": e.t}
+            "params": {e.name: {"exp_avg": self._gather(e, "exp_avg").cpu(),
+                                "exp_avg_sq": self._gather(e, "exp_avg_sq").cpu(), "t": e.t}
                        for e in self.entries},
             "pending_grads": {e.name: e.param.grad.detach().cpu() for e in self.entries if e.param.grad is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Take this rank's rows of a whole state written by state_dict (any world size)."""
         saved = state["params"]
         if set(saved) != {e.name for e in self.entries}:
             raise ValueError(f"Adam state for {sorted(saved)[:4]}... does not match these parameters")
         for e in self.entries:
             s = saved[e.name]
             for key in ("exp_avg", "exp_avg_sq"):
-                mine = getattr(e, key)
-                if tuple(s[key].shape) != tuple(mine.shape):
-                    raise ValueError(f"Adam {key} of {e.name} has shape {tuple(s[key].shape)}, not {tuple(mine.shape)}")
-                mine.copy_(s[key])
+                if tuple(s[key].shape) != tuple(e.param.shape):
+                    raise ValueError(f"Adam {key} of {e.name} has shape {tuple(s[key].shape)},"
+                                     f" not {tuple(e.param.shape)}")
+                self._load_rows(e, key, s[key].to(e.exp_avg.device))
             e.t = int(s["t"])
             pending = state.get("pending_grads", {}).get(e.name)
             e.param.grad = None if pending is None else pending.to(e.param.device, e.param.dtype).clone()
@@ -619,7 +711,7 @@ class Optimizers:
         self.assignment = {s.name: "muon" if s.optim == "muon" else f"adam_{s.label}" for s in specs}
         self.muon = ShardedMuon(matrix_refs(specs, params), cfg, info)
         self.adam = LabelledAdam([(s.name, s.label, params[s.name]) for s in specs if s.optim == "adam"],
-                                 cfg, split_step)
+                                 cfg, split_step, info)
         self.muon_params = [params[s.name] for s in specs if s.optim == "muon"]
         self._adam_stepped = True
         self.model = model
@@ -652,21 +744,18 @@ class Optimizers:
     @torch.no_grad()
     def _clip(self, clip: float, adam_due: bool) -> float:
         shares = self.muon.reduced_shares()
-        flat = self.adam.reduced() if adam_due else None  # the same on every rank
-        # every real matrix is owned by exactly one rank (padding is zero): sum the squares
-        muon_sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
+        if adam_due:
+            shares = shares + self.adam.reduced()
+        # every real matrix and every real Adam row is owned by exactly one rank (padding is
+        # zero): the global norm is the sum over ranks of each rank's sum of squares
+        sq = torch.zeros(1, dtype=torch.float64, device=shares[0].device if shares else "cpu")
         for s in shares:
-            muon_sq += s.double().square().sum()
-        total = hdist.all_reduce_sum_(muon_sq)
-        if flat is not None:
-            total = total + flat.double().square().sum()
-        norm = float(total.sqrt().item())
+            sq += s.double().square().sum()
+        norm = float(hdist.all_reduce_sum_(sq).sqrt().item())
         coef = clip / (norm + 1e-6)
         if coef < 1.0:
             for s in shares:
                 s.mul_(coef)
-            if flat is not None:
-                flat.mul_(coef)
         return norm
 
     def zero_grad(self) -> None:
