@@ -1,6 +1,7 @@
 """NorMuon with polar express and ORD as a plain `torch.optim.Optimizer`, for other training
 scripts: the same update as the harness's sharded optimizer (harness/optim.py `muon_update`,
-the fork's rules), one matrix at a time, no communication.
+the fork's rules), one matrix at a time, no communication of its own (except to gather
+FSDP2-sharded matrices, below).
 
     from harness.normuon import NorMuon
 
@@ -13,7 +14,7 @@ the fork's rules), one matrix at a time, no communication.
         opt.step(); adam.step()
         opt.zero_grad(set_to_none=True); adam.zero_grad(set_to_none=True)
     # ORD as train_gpt_muon_new.py: NorMuon(hidden, ..., spectral_lr_mul=0.1)
-    # FSDP2: fully_shard(model) before building the optimizers; nothing else changes
+    # FSDP2: fully_shard(model) (torch.distributed.fsdp) before the lines above; nothing else changes
 
 Parameters of 2 or more dimensions; a tensor (k, m, n) is k matrices (m, n). Per matrix:
 Nesterov momentum, ORD when spectral_lr_mul is set (rho = <G,W>/||W||^2, G_par = rho W;
