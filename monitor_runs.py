@@ -14,7 +14,7 @@ what was appended to each log since the last one.
 
 Status: the log's status line (finished, diverged, failed, preempted, interrupted); otherwise a
 non-finite loss is diverged, a validation at the last step is finished, and a log not written
-for longer than max(--stale-min, --stale-factor x step_avg) (60 s, 10x) is stale.
+for longer than max(--stale_min, --stale_factor x step_avg) (60 s, 10x) is stale.
 `--watch` exits by itself once no run is running (stale counts as ended); Ctrl-C exits cleanly.
 """
 
@@ -30,6 +30,7 @@ import time
 from typing import Any, Sequence
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 from harness.speedrun_stats import DEFAULT_TARGET
 from harness.logs.runs import (
     ENDED,
@@ -156,20 +157,25 @@ def render(summaries: Sequence[RunSummary], comparison: Sequence[ComparisonRow],
 # Entry
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=["logs"], help="log files or directories (default: logs/)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh in place every SECONDS until all runs end")
     p.add_argument("--once", action="store_true", help="print once and exit (the default without --watch)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     p.add_argument("--filter", metavar="TEXT", help="only runs whose id, tag or file name contains TEXT")
     p.add_argument("--sweep", metavar="ID", help="only the runs of the sweep manifest <log dir>/sweeps/ID.json")
-    p.add_argument("--stale-min", type=float, default=STALE_MIN_S, metavar="SECONDS",
-                   help=f"a run with no status line is stale after max(this, factor x step_avg) without a write (default {STALE_MIN_S:g})")
-    p.add_argument("--stale-factor", type=float, default=STALE_FACTOR, help=f"(default {STALE_FACTOR:g})")
+    p.add_argument("--stale_min", type=float, default=STALE_MIN_S, metavar="SECONDS",
+                   help=f"a run with no status line is stale after SECONDS without a write (default {STALE_MIN_S:g})")
+    p.add_argument("--stale_factor", type=float, default=STALE_FACTOR, metavar="X",
+                   help=f"... or after X times its step_avg, whichever is longer (default {STALE_FACTOR:g})")
     p.add_argument("--target", type=float, default=DEFAULT_TARGET, metavar="LOSS",
                    help=f"json/csv: steps_to_target and time_to_target_ms, the first validation at or below LOSS (default {DEFAULT_TARGET:g})")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if not (math.isfinite(args.target) and args.target > 0):
         raise UserError(f"--target {args.target}: must be a positive, finite val loss (e.g. 3.28)")
     if args.watch is not None and (args.once or args.format != "table"):
@@ -177,7 +183,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.watch is not None and not args.watch > 0:
         raise UserError(f"--watch {args.watch}: the refresh interval must be > 0 seconds")
     if args.stale_min < 0 or args.stale_factor < 0:
-        raise UserError("--stale-min and --stale-factor must be >= 0")
+        raise UserError("--stale_min and --stale_factor must be >= 0")
     return args
 
 

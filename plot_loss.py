@@ -1,9 +1,9 @@
 """Figures and a final-loss table from run logs (ours and modded-nanogpt's), finished or running.
 
     python plot_loss.py                                # the runs in logs/
-    python plot_loss.py logs/ other/run.txt --group-by spectral_lr_mul --out reports/plots --svg
+    python plot_loss.py logs/ other/run.txt --group_by spectral_lr_mul --out reports/plots --svg
     python plot_loss.py logs/ --x time --last 200 --baseline baseline
-    python plot_loss.py logs/ --to-tensorboard runs/tb        # event files instead (tensorboard --logdir runs/tb)
+    python plot_loss.py logs/ --to_tensorboard runs/tb        # event files instead (tensorboard --logdir runs/tb)
 
 Figures (PNG; SVG too with --svg), each skipped with a note when no run has its data:
 - val_loss_step / val_loss_time: val loss of every run, coloured by group, the seeds of a group
@@ -19,7 +19,7 @@ best, delta vs the baseline group, and Welch's t-test p-value against it where b
 >= 2 runs. Baseline: --baseline GROUP, default the group of the runs tagged `baseline*` or run
 by train_gpt.py (`--baseline none` for none).
 
-Group keys (--group-by): tag (an empty tag falls back to the script's stem; modded-nanogpt logs,
+Group keys (--group_by): tag (an empty tag falls back to the script's stem; modded-nanogpt logs,
 which have no config, to their file stem), script, or any config FIELD (modded logs: "modded").
 
 --target LOSS (3.28 on the short track): speedrun statistics as record submissions compute
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from base import UserError, check_out_dir, run_cli
+from base.cli import ArgumentParser
 from base import atomic_write as _atomic_write
 from harness.plots import (  # the library (also experiments.report's); `import plot_loss` keeps every name
     DPI,
@@ -172,10 +173,10 @@ def write_rows_csv(rows: Sequence[Any], path: str | os.PathLike, cols: Sequence[
     return _atomic_write(Path(path), write)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", help="log files or directories (default: logs/)")
-    p.add_argument("--group-by", default="tag", metavar="tag|script|FIELD", help="group runs by tag (default), script or a config field")
+    p.add_argument("--group_by", default="tag", metavar="tag|script|FIELD", help="group runs by tag (default), script or a config field")
     p.add_argument("--out", default="reports/plots", metavar="DIR", help="where figures and final_loss.csv go (default reports/plots)")
     p.add_argument("--x", choices=("step", "time"), help="x axis of the val loss figure (default: both)")
     p.add_argument("--last", type=int, metavar="N", help="the zoomed panel shows the last N steps (default: the last quarter)")
@@ -184,8 +185,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, metavar="LOSS",
                    help="speedrun statistics against this val loss (e.g. 3.28): per group n, mean, std, one-sided"
                         " t-test p (H1: mean < LOSS), (LOSS - mean)*sqrt(n) >= 0.004; per run the step/time to LOSS")
-    p.add_argument("--to-tensorboard", metavar="DIR", help="instead of figures: TensorBoard event files of the logs in DIR, one folder per run (needs tensorboard)")
-    args = p.parse_args(argv)
+    p.add_argument("--to_tensorboard", metavar="DIR", help="instead of figures: TensorBoard event files of the logs in DIR, one folder per run (needs tensorboard)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.target is not None and not (math.isfinite(args.target) and args.target > 0):
         raise UserError(f"--target {args.target}: must be a positive, finite val loss (e.g. 3.28)")
     if args.last is not None and args.last <= 0:

@@ -18,19 +18,24 @@ import sys
 from typing import Sequence
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH_OR_EXPORT_DIR", help="a step_<N>.pt file or an export directory")
-    p.add_argument("--prompt", default="", help="the text to continue (default: none, a new document)")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="the text to continue (default: none, a new document)")
     p.add_argument("--max_new_tokens", type=int, default=100, metavar="N", help="tokens to generate at most (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, metavar="K", help="sample from the K most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--train_files", metavar="GLOB", help="checkpoint of a compact_vocab run: its train shards, if moved")
     p.add_argument("--val_files", metavar="GLOB", help="checkpoint of a compact_vocab run: its val shards, if moved")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

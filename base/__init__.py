@@ -2,6 +2,7 @@
 
     from base import UserError, run_cli, atomic_write, EXIT_USER_ERROR
 
+cli.py         ArgumentParser (every command's: --snake_case flags, --kebab-case accepted too)
 errors.py      UserError (bad input: one line naming what, where and what is allowed) and
                run_cli (a command's `if __name__ == "__main__"`: `error: ...` and exit 2)
 exit_codes.py  the exit codes of the trainer, the launcher and the commands

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from base import run_cli
+from base.cli import ArgumentParser
 from data.loader import DistributedTokenLoader
 from harness import checkpoint as ck
 from harness.config import load_config
@@ -90,12 +91,16 @@ def bench(preset: str, repeat: int, where: str) -> dict:
                 **best}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="tiny,speedrun")
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--dir", default="/tmp", help="where to write (e.g. /dev/shm to leave the disk out)")
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny,speedrun", help="comma-separated model presets (default tiny,speedrun)")
+    ap.add_argument("--repeat", type=int, default=5, metavar="N", help="timed repeats of each measurement (default 5)")
+    ap.add_argument("--dir", default="/tmp", help="where to write (default /tmp; /dev/shm leaves the disk out)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     keep_freed_memory()  # as the trainer does on CPU: no page faults on every big allocation
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; best of {args.repeat}; files in {args.dir}")
     print(f"{'preset':9} {'params':>8} {'file MB':>8} {'bare MB':>8} {'save s':>8} {'bare s':>8} {'ratio':>6}"

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 from harness import dist as hdist
 from harness.config import load_config, validate
 from harness.trainer import Trainer
@@ -54,13 +55,17 @@ def timed_round(every: int, sample: int, steps: int, log_dir: str) -> tuple[list
     return t_off, t_on
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps per arm and round (default 10)")
+    parser.add_argument("--rounds", type=int, default=2, metavar="N", help="rounds of both arms (default 2)")
+    parser.add_argument("--every", type=int, default=10, metavar="N", help="diag_every of the diagnostics arm (default 10)")
+    parser.add_argument("--sample", type=int, default=0, metavar="N", help="diag_sample of the diagnostics arm (default 0: every Muon matrix)")
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--sample", type=int, default=0, help="diag_sample (0: every Muon matrix)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.steps < args.every:
         raise UserError(f"--steps {args.steps} must be >= --every {args.every} (one diagnostics step at least)")
     os.chdir(ROOT)  # the tiny preset's data paths are relative to the repository

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -446,12 +447,16 @@ def run_parts(parts: str, cpu: bool, steps: int) -> list[Row]:
     return sorted(rows, key=lambda r: order.get(r.part, 9))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run the CPU parts at small sizes, even with CUDA")
     ap.add_argument("--parts", default="abcde", help="which parts, e.g. 'ce' (default: all)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per batch stage in part a")
-    args = ap.parse_args(argv)
+    ap.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per batch stage in part a (default 5)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.parts or set(args.parts) - set("abcde"):
         raise UserError(f"--parts={args.parts!r}: letters among a, b, c, d, e")
     if args.steps < 1:

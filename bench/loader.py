@@ -1,14 +1,14 @@
 """Loader throughput against a plain memmap read of the same bytes, in one process.
 
-    python bench/loader.py [--tokens 50_000_000] [--batch 393216] [--seq-len 2048] [--world-size 8]
+    python bench/loader.py [--tokens 50_000_000] [--batch 393216] [--seq_len 2048] [--world_size 8]
 
 Writes a synthetic shard (random GPT-2 ids, a BOS every ~1000 tokens) to a temp dir, reads the
 whole file once so both sides see a warm page cache, then times, in alternating rounds:
 - reference: ``torch.from_numpy(mm[a:b].astype(np.int64))`` and the (inputs, targets) views,
   for the same rank slices of the same global batches;
-- DistributedTokenLoader.next_batch (rank 0 of --world-size), plain and align_bos, in a tight loop
+- DistributedTokenLoader.next_batch (rank 0 of --world_size), plain and align_bos, in a tight loop
   without prefetch (the read path itself);
-- the same with prefetch and a simulated training step between calls (``--step-ms``, a sleep,
+- the same with prefetch and a simulated training step between calls (``--step_ms``, a sleep,
   which like a GPU step releases the GIL): the time the training loop spends inside next_batch.
   (In a tight loop prefetch cannot help: there is nothing to overlap with, only a thread handoff.)
 Prints tokens/s (per second spent reading / waiting) and the loader/reference ratio (goal >= 0.9).
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base.cli import ArgumentParser
 from data.loader import DistributedTokenLoader
 from data.shards import HEADER_BYTES, write_shard
 from data.tokenizer import EOT, VOCAB_SIZE
@@ -34,15 +35,19 @@ def _int(s: str) -> int:
     return int(s.replace("_", ""))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=_int, default=50_000_000)
-    ap.add_argument("--batch", type=_int, default=393216, help="global batch tokens")
-    ap.add_argument("--seq-len", type=_int, default=2048)
-    ap.add_argument("--world-size", type=_int, default=8)
-    ap.add_argument("--rounds", type=_int, default=3)
-    ap.add_argument("--step-ms", type=float, default=2.0, help="simulated training step between calls")
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=_int, default=50_000_000, metavar="N", help="tokens in the synthetic shard (default 50_000_000)")
+    ap.add_argument("--batch", type=_int, default=393216, metavar="N", help="global batch in tokens (default 393216)")
+    ap.add_argument("--seq_len", type=_int, default=2048, metavar="N", help="sequence length (default 2048)")
+    ap.add_argument("--world_size", type=_int, default=8, metavar="N", help="ranks the batch is split over; rank 0 is read (default 8)")
+    ap.add_argument("--rounds", type=_int, default=3, metavar="N", help="alternating rounds (default 3)")
+    ap.add_argument("--step_ms", type=float, default=2.0, metavar="MS", help="simulated training step between calls, in ms (default 2)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     T, L, W = args.batch, args.seq_len, args.world_size
     per_rank = T // W
 

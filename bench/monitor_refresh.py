@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from base.cli import ArgumentParser
 from harness.logs.format import RunLogWriter, find_logs, read_log
 from harness.logs.runs import Monitor, compare_at_common_step, summarize
 
@@ -41,12 +42,16 @@ def full_reparse(d: Path) -> None:
     compare_at_common_step(logs)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--logs", type=int, default=200)
-    ap.add_argument("--lines", type=int, default=5000)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--logs", type=int, default=200, metavar="N", help="run logs written and followed (default 200)")
+    ap.add_argument("--lines", type=int, default=5000, metavar="M", help="step lines per log (default 5000)")
+    ap.add_argument("--repeats", type=int, default=3, metavar="N", help="timed repeats (default 3)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import time
 import torch
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 from kernels import ns_coefficients, orthogonalize
 from kernels.newton_schulz import normalize
 
@@ -133,11 +134,15 @@ def parse_batches(text: str) -> list[int]:
     return batches
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default=None, help="stack sizes (default 1,6,48 on CUDA, 1,6 on CPU)")
-    ap.add_argument("--steps", type=int, default=5)
-    args = ap.parse_args(argv)
+    ap.add_argument("--steps", type=int, default=5, metavar="N", help="timed calls per measurement (default 5)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.steps <= 0:
         raise UserError(f"--steps {args.steps}: must be a positive integer")
     cuda = torch.cuda.is_available()

@@ -6,7 +6,7 @@ the smallest and largest singular value of O, and err = ||U Vᵀ - O||_F / sqrt(
 per singular direction against the exact polar factor U Vᵀ of G from a float64 SVD (n = min side).
 Then, for each class and dtype, whether polar express beats quintic at 5 iterations.
 
-    python bench/ns_study.py [--shape 256x512] [--seed 0] [--max-steps 8]
+    python bench/ns_study.py [--shape 256x512] [--seed 0] [--max_steps 8]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import torch
 
 from base import UserError, run_cli
+from base.cli import ArgumentParser
 from kernels import orthogonalize
 
 METHODS = ("polar_express", "quintic")
@@ -71,15 +72,19 @@ def parse_shape(text: str) -> tuple[int, int]:
     return m, n
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="256x512", help="ROWSxCOLS of the test matrices (default 256x512)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=8)
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the test matrices (default 0)")
+    ap.add_argument("--max_steps", type=int, default=8, metavar="N", help="iterations 1..N, N >= 5 (default 8)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     m, n = parse_shape(args.shape)
     if args.max_steps < 5:
-        raise UserError(f"--max-steps {args.max_steps}: must be at least 5 (the comparison is at 5 iterations)")
+        raise UserError(f"--max_steps {args.max_steps}: must be at least 5 (the comparison is at 5 iterations)")
     steps_range = range(1, args.max_steps + 1)
     inputs = make_inputs(m, n, args.seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

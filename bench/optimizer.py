@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from base.cli import ArgumentParser
 from harness.config import load_config
 from harness.dist import DistInfo
 from harness.malloc import keep_freed_memory
@@ -93,11 +94,15 @@ def bench_sharding(preset: str, device: torch.device, repeat: int) -> None:
           f"  ratio {times[2] / times[1]:5.2f}  (goal <= 0.55)")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--shapes", default="tiny,speedrun")
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5, metavar="N", help="timed runs; the median is printed (default 5)")
+    ap.add_argument("--shapes", default="tiny,speedrun", help="comma-separated model presets (default tiny,speedrun)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         keep_freed_memory()

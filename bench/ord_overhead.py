@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from base.cli import ArgumentParser
 from harness.config import load_config
 from harness.dist import DistInfo
 from harness.malloc import keep_freed_memory
@@ -43,11 +44,15 @@ def step_times(cfg, model, opt, steps: int) -> list[float]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6, metavar="N", help="timed steps per arm and round (default 6)")
+    ap.add_argument("--rounds", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     keep_freed_memory()
     variants = {"standard": make({"ord": False}), "ord(0.1)": make({"ord": True, "spectral_lr_mul": 0.1})}
     times = {k: [] for k in variants}

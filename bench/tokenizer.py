@@ -1,9 +1,9 @@
 """Corpus encoding throughput: our path against bare tiktoken, on the same texts, in one process.
 
-    python bench/tokenizer.py [--max-mb 8] [--workers N]
+    python bench/tokenizer.py [--max_mb 8] [--workers N]
 
 Texts: the Python standard library's .py sources (what `python -m data.prepare_corpus` reads by
-default), the first --max-mb MB in the corpus's file order. Times, in alternating rounds:
+default), the first --max_mb MB in the corpus's file order. Times, in alternating rounds:
 - reference: ``enc.encode_ordinary_batch(texts, num_threads=workers)``;
 - ours: ``data.prepare_corpus.encode_documents`` (the same call plus BOS and the uint16 arrays
   that become shards).
@@ -19,16 +19,21 @@ import time
 
 import numpy as np
 
+from base.cli import ArgumentParser
 from data.prepare_corpus import default_inputs, encode_documents, list_documents, read_text
 from data.tokenizer import gpt2_encoding
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-mb", type=float, default=8.0)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max_mb", type=float, default=8.0, metavar="MB", help="MB of text from the corpus (default 8)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N", help="encoding threads (default: CPU count)")
+    ap.add_argument("--rounds", type=int, default=3, metavar="N", help="alternating rounds (default 3)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     texts, size = [], 0
     for doc in list_documents(default_inputs()):
         text, _ = read_text(doc.path)

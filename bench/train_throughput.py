@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from base.cli import ArgumentParser
 from harness.logs.format import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +39,14 @@ def run(nproc: int, steps: int, out: Path, *extra: str) -> float:
     return 2048 / (per_step_ms / 1000)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
-    args = ap.parse_args()
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12, metavar="N", help="training steps per run (default 12)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         r1 = run(1, args.steps, Path(tmp))
         r2 = run(2, args.steps, Path(tmp))

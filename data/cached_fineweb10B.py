@@ -11,10 +11,10 @@ is skipped without a request; a present but damaged one is fetched again.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from base import UserError, dir_write_error, run_cli
+from base.cli import ArgumentParser
 from data.shards import read_header
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
@@ -102,15 +102,19 @@ def download_fineweb(
     return {"dir": str(out_dir), "downloaded": downloaded, "present": present}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="python data/cached_fineweb10B.py",
         description=f"Download the FineWeb10B val shard and the first N train shards (GPT-2 tokens) from {REPO_ID}.",
     )
     ap.add_argument("num_train", metavar="N", help=f"number of train shards, 1..{MAX_TRAIN_SHARDS} (100M tokens each)")
     ap.add_argument("--dir", default=str(DEFAULT_DIR), help="where the shards go (default: data/fineweb10B)")
     ap.add_argument("--revision", default=None, help="hub revision (branch, tag or commit; default main)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         n = int(args.num_train)
     except ValueError:

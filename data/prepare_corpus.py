@@ -1,6 +1,6 @@
 """Local text -> GPT-2 token shards: the offline default corpus.
 
-    python -m data.prepare_corpus [FILES_OR_DIRS ...] [--out data/local] [--val-fraction 0.05]
+    python -m data.prepare_corpus [FILES_OR_DIRS ...] [--out data/local] [--val_fraction 0.05]
 
 With no inputs it tokenizes the Python standard library's own ``.py`` sources (about 30 MB,
 present on every machine; ``site-packages``/``dist-packages`` are left out because they differ
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from base import UserError, atomic_write, run_cli
+from base.cli import ArgumentParser
 from data.shards import read_header, write_shard
 from data.tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
 
@@ -227,14 +228,14 @@ def prepare_corpus(
     """
     if val_tokens is not None:
         if val_tokens < 1:
-            raise UserError(f"--val-tokens {val_tokens}: must be >= 1")
+            raise UserError(f"--val_tokens {val_tokens}: must be >= 1")
         val_fraction = None
     elif val_fraction is None or not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val-fraction {val_fraction}: must be strictly between 0 and 1")
+        raise UserError(f"--val_fraction {val_fraction}: must be strictly between 0 and 1")
     if shard_tokens < 1 or shard_tokens >= 2**31:
-        raise UserError(f"--shard-tokens {shard_tokens}: must be in 1..{2**31 - 1}")
+        raise UserError(f"--shard_tokens {shard_tokens}: must be in 1..{2**31 - 1}")
     if max_files is not None and max_files < 1:
-        raise UserError(f"--max-files {max_files}: must be >= 1")
+        raise UserError(f"--max_files {max_files}: must be >= 1")
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1 (leave it out for one per CPU)")
     workers = workers or os.cpu_count() or 1
@@ -457,23 +458,27 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="python -m data.prepare_corpus",
         description="Tokenize local text files (default: the Python stdlib's .py sources) into GPT-2 train/val shards.",
     )
     ap.add_argument("inputs", nargs="*", help="files or directories (default: the Python standard library)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: data/local)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help="output directory (default: data/local)")
     val = ap.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="share of tokens held out for validation (default 0.05)")
-    val.add_argument("--val-tokens", type=_int, default=None, help="hold out at least this many tokens for validation instead")
-    ap.add_argument("--shard-tokens", type=_int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default 10_000_000)")
-    ap.add_argument("--workers", type=_int, default=None, help="encoding threads (default: CPU count)")
-    ap.add_argument("--max-files", type=_int, default=None, help="use only the first N files (in sorted order)")
-    ap.add_argument("--ext", action="append", default=None, help="file extension to take from directories (repeatable; default .py)")
+    val.add_argument("--val_fraction", type=float, metavar="F", default=DEFAULT_VAL_FRACTION, help="share of tokens held out for validation (default 0.05)")
+    val.add_argument("--val_tokens", type=_int, metavar="N", default=None, help="hold out at least this many tokens for validation instead")
+    ap.add_argument("--shard_tokens", type=_int, metavar="N", default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default 10_000_000)")
+    ap.add_argument("--workers", type=_int, metavar="N", default=None, help="encoding threads (default: CPU count)")
+    ap.add_argument("--max_files", type=_int, default=None, metavar="N", help="use only the first N files (in sorted order)")
+    ap.add_argument("--ext", action="append", default=None, metavar=".EXT", help="file extension to take from directories (repeatable; default .py)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the shards are up to date")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     result = prepare_corpus(
         args.inputs or None,
         args.out,

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from base import UserError, atomic_write
+from base.cli import ArgumentParser
 from harness.config import Config
 from harness.model import GPT, ModelShape
 from harness.optim import MatrixRef, matrix_refs
@@ -273,16 +274,21 @@ def lm_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) 
                             help=f"(default {default}; --quick: {QUICK.get(f.name, f.default)})")
 
 
+def build_parser(description: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> ArgumentParser:
+    """A study's flags: --out, --quick, --seed and its own (add_arguments)."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (figures + table.md)")
+    parser.add_argument("--quick", action="store_true", help="a minutes-scale size for a laptop CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model init (default 0)")
+    add_arguments(parser)
+    return parser
+
+
 def main(run: Callable[..., dict], description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
          argv: Sequence[str] | None = None) -> int:
     """`--out DIR [--quick] [--seed N] [size flags]`; a study's `__main__` runs it under base.run_cli
     (UserError -> one `error:` line on stderr, exit 2)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", required=True, help="output folder (figures + table.md)")
-    parser.add_argument("--quick", action="store_true", help="a minutes-scale size for a laptop CPU")
-    parser.add_argument("--seed", type=int, default=0)
-    add_arguments(parser)
-    args = vars(parser.parse_args(argv))
+    args = vars(build_parser(description, add_arguments).parse_args(argv))
     out, quick, seed = args.pop("out"), args.pop("quick"), args.pop("seed")
     t0 = time.perf_counter()
     run(Path(out), quick=quick, seed=seed, **{k: v for k, v in args.items() if v is not None})
@@ -293,5 +299,5 @@ def main(run: Callable[..., dict], description: str, add_arguments: Callable[[ar
 __all__ = [
     "LMSize", "QUICK", "SMALL", "lm_size", "LMData", "make_gpt", "hidden_matrices", "hidden_params", "layer_type",
     "val_loss", "SimpleMuon", "Optimizers", "adam_vs_muon", "measure_points",
-    "save_figure", "figure", "fmt", "markdown_table", "first_last", "ema", "lm_arguments", "main",
+    "save_figure", "figure", "fmt", "markdown_table", "first_last", "ema", "lm_arguments", "build_parser", "main",
 ]

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from base import UserError, atomic_write, run_cli
+from base.cli import ArgumentParser
 from experiments.common import SMALL, first_last, fmt, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def run_sweep(out: Path, sizes: Sizes, data: Path) -> Path:
     from harness.sweep import cli as sweep_cli
 
     log_dir = out / "runs"
-    argv = [str(SWEEP_FILE), "--log-dir", str(log_dir), "--seeds", ",".join(map(str, sizes.sweep_seeds)),
+    argv = [str(SWEEP_FILE), "--log_dir", str(log_dir), "--seeds", ",".join(map(str, sizes.sweep_seeds)),
             "--set", f"train_files={data / 'local_train_*.bin'}", "--set", f"val_files={data / 'local_val_*.bin'}"]
     for s in sizes.sweep_sets:
         argv += ["--set", s]
@@ -640,14 +641,18 @@ run is seeded, single-process per run, with {THREADS} threads.
     return out / "REPORT.md"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy sizes, 2 seeds: the whole pipeline in a few minutes")
     p.add_argument("--out", help="report folder (default reports/<timestamp>)")
     p.add_argument("--only", help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
     p.add_argument("--data", help="folder of local_train_*/local_val_* shards (default data/local; built if missing)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     only = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
     bad = [s for s in only if s not in SECTIONS]
     if bad or not only:

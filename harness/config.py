@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from base import UserError
+from base.cli import ArgumentParser
 
 # Fields that live in the environment of torchrun or the shell; never read as config.
 _RESERVED_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -622,7 +623,7 @@ SCRIPT_DESCRIPTIONS = {
 def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """The flags of every config field, grouped by the dataclass's sections, each with its help
     and default (from the dataclass and the presets)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, allow_abbrev=False, usage="%(prog)s [--preset NAME] [--FIELD VALUE ...]",
         description=description or SCRIPT_DESCRIPTIONS.get(prog or "", SCRIPT_DESCRIPTIONS["train_gpt.py"]),
         epilog="Sources, lowest to highest priority: the preset (--preset or PRESET), environment variables"

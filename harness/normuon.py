@@ -1,6 +1,7 @@
 """NorMuon with polar express and ORD as a plain `torch.optim.Optimizer`, for other training
 scripts: the same update as the harness's sharded optimizer (harness/optim.py `muon_update`,
-the fork's rules), one matrix at a time, no communication.
+the fork's rules), one matrix at a time, no communication of its own (except to gather
+FSDP2-sharded matrices, below).
 
     from harness.normuon import NorMuon
 
@@ -13,6 +14,7 @@ the fork's rules), one matrix at a time, no communication.
         opt.step(); adam.step()
         opt.zero_grad(set_to_none=True); adam.zero_grad(set_to_none=True)
     # ORD as train_gpt_muon_new.py: NorMuon(hidden, ..., spectral_lr_mul=0.1)
+    # FSDP2: fully_shard(model) (torch.distributed.fsdp) before the lines above; nothing else changes
 
 Parameters of 2 or more dimensions; a tensor (k, m, n) is k matrices (m, n). Per matrix:
 Nesterov momentum, ORD when spectral_lr_mul is set (rho = <G,W>/||W||^2, G_par = rho W;
@@ -25,13 +27,23 @@ over B tokens (harness/trainer.py grad_unit), so a mean-loss script that wants t
 passes grad_scale=B/4 (it scales only the added-back part, as the harness's ord_units=mean).
 
 Data parallel (DDP): the gradients are already averaged when step() runs; every rank computes
-the same update. Sharded parameters (FSDP2 DTensors) are not supported: use the harness's
-ShardedMuon, which shards the orthogonalization itself.
+the same update. Sharded parameters (FSDP2's `fully_shard`, or any DTensor parameter): each step
+gathers the full gradient and the full weights of every matrix (`full_tensor()`, two all-gathers
+of the matrix per step), computes the update exactly as one process would, and keeps this rank's
+shard of the new weights. The cost: that communication, the whole orthogonalization on every
+rank (not split between them), and the optimizer state (momentum, second moment) kept whole on
+every rank, not sharded (float32, a bit more than one copy of each matrix). The harness's
+ShardedMuon splits the orthogonalization between ranks instead.
 """
 
 from __future__ import annotations
 
 import torch
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed: no sharded parameters either
+    DTensor = distribute_tensor = None
 
 from harness.optim import MuonRule, OrdMode, muon_update
 
@@ -75,29 +87,42 @@ class NorMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                m, n = p.shape[-2:]
-                W = p.detach().view(-1, m, n)
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros(W.shape, dtype=torch.float32, device=p.device)
-                    sm_shape = (W.size(0), m, 1) if m >= n else (W.size(0), 1, n)
-                    state["second_moment"] = torch.zeros(sm_shape, dtype=torch.float32, device=p.device)
-                grad = p.grad.view(-1, m, n).float()
-                Wf = W.float()
-                # ord_units "mean" divides the added-back part by unit_scale: 1 / grad_scale multiplies it
-                parts = muon_update(grad, Wf, state["momentum_buffer"], state["second_moment"], group["momentum"],
-                                    self._rule(group, p.device), group["spectral_lr_mul"] or 0.0,
-                                    1.0 / group["grad_scale"])
-                lr_eff = lr * max(1.0, m / n) ** 0.5
-                update = parts.update
-                if wd > 0:
-                    mask = (update * Wf >= 0) if group["cautious_wd"] else torch.ones_like(Wf, dtype=torch.bool)
-                    new = Wf - Wf * mask * (wd * lr) * lr_eff - update * lr_eff
+                if DTensor is not None and isinstance(p, DTensor):
+                    self._step_sharded(p, group)
                 else:
-                    new = Wf - update * lr_eff
-                W.copy_(new.to(W.dtype))
+                    p.copy_(self._new_weights(p.detach(), p.grad, self.state[p], group).to(p.dtype))
         return loss
+
+    def _step_sharded(self, p, group: dict) -> None:
+        """A DTensor parameter: the single-process update of the whole matrix, computed on every
+        rank from the gathered gradient and weights; this rank keeps its shard of the result."""
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        new = self._new_weights(p.full_tensor(), grad, self.state[p], group).to(p.dtype)
+        # every rank holds the same `new`: take the local shard without communication
+        local = distribute_tensor(new, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(local)
+
+    def _new_weights(self, weights: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """The weights after one step (float32, the parameter's shape); updates `state`."""
+        lr, wd = group["lr"], group["weight_decay"]
+        m, n = weights.shape[-2:]
+        Wf = weights.reshape(-1, m, n).float()
+        if not state:
+            state["momentum_buffer"] = torch.zeros(Wf.shape, dtype=torch.float32, device=Wf.device)
+            sm_shape = (Wf.size(0), m, 1) if m >= n else (Wf.size(0), 1, n)
+            state["second_moment"] = torch.zeros(sm_shape, dtype=torch.float32, device=Wf.device)
+        # ord_units "mean" divides the added-back part by unit_scale: 1 / grad_scale multiplies it
+        parts = muon_update(grad.reshape(-1, m, n).float(), Wf, state["momentum_buffer"], state["second_moment"],
+                            group["momentum"], self._rule(group, Wf.device), group["spectral_lr_mul"] or 0.0,
+                            1.0 / group["grad_scale"])
+        lr_eff = lr * max(1.0, m / n) ** 0.5
+        update = parts.update
+        if wd > 0:
+            mask = (update * Wf >= 0) if group["cautious_wd"] else torch.ones_like(Wf, dtype=torch.bool)
+            new = Wf - Wf * mask * (wd * lr) * lr_eff - update * lr_eff
+        else:
+            new = Wf - update * lr_eff
+        return new.view(weights.shape)

@@ -65,7 +65,7 @@ def check_group_by(runs: Sequence[RunLog], group_by: str) -> None:
     configs = [r.config for r in runs if r.config is not None]
     if configs and not any(group_by in c for c in configs):
         known = sorted({k for c in configs for k in c})
-        raise UserError(f"--group-by {group_by}: no run's config has that field (fields: tag, script, {', '.join(known[:40])})")
+        raise UserError(f"--group_by {group_by}: no run's config has that field (fields: tag, script, {', '.join(known[:40])})")
 
 
 def resolve_baseline(runs: Sequence[RunLog], group_by: str, baseline: str | None = "auto") -> str | None:

@@ -12,7 +12,7 @@ later if you want it online).
 A missing package stops the run before training with one line (UserError, exit 2). A tracker
 that fails during the run is dropped with one warning on stderr; the run and its text log go on.
 
-`logs_to_tensorboard` writes event files from existing text logs (plot_loss.py --to-tensorboard).
+`logs_to_tensorboard` writes event files from existing text logs (plot_loss.py --to_tensorboard).
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def logs_to_tensorboard(paths: Iterable[str | os.PathLike], out_dir: str | os.Pa
     per run under out_dir (`<out_dir>/<run name>`), whatever wrote the logs (modded-nanogpt's
     included). Returns the folders written."""
     if missing_package("tensorboard"):
-        raise UserError("--to-tensorboard needs the tensorboard package: pip install tensorboard")
+        raise UserError("--to_tensorboard needs the tensorboard package: pip install tensorboard")
     out = Path(out_dir)
     written = []
     for path in find_logs(paths):

@@ -46,7 +46,7 @@ def test_cli_end_to_end_deterministic(tmp_path):
     src.mkdir()
     texts = _make_corpus(src)
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    r = _run_cli(src, "--out", out1, "--val-fraction", "0.2", "--workers", "2")
+    r = _run_cli(src, "--out", out1, "--val_fraction", "0.2", "--workers", "2")
     assert r.returncode == 0, r.stderr
     assert "wrote 1 train + 1 val shards" in r.stdout and str(out1) in r.stdout
     meta = json.loads((out1 / "meta.json").read_text())
@@ -72,7 +72,7 @@ def test_cli_end_to_end_deterministic(tmp_path):
     assert len(meta["val_documents_list"]) == meta["val_documents"]
     assert all(n.startswith("src/pkg/") for n in meta["val_documents_list"])
 
-    r2 = _run_cli(src, "--out", out2, "--val-fraction", "0.2", "--workers", "1")
+    r2 = _run_cli(src, "--out", out2, "--val_fraction", "0.2", "--workers", "1")
     assert r2.returncode == 0, r2.stderr
     names = sorted(p.name for p in out1.iterdir())
     assert names == sorted(p.name for p in out2.iterdir())
@@ -91,7 +91,7 @@ def test_idempotent_and_force(tmp_path):
     second = prepare_corpus([src], out, val_fraction=0.2, progress=False)
     assert second["skipped"] and second["train_tokens"] == first["train_tokens"]
     assert (out / "local_train_000000.bin").stat().st_mtime_ns == mtime
-    r = _run_cli(src, "--out", out, "--val-fraction", "0.2")
+    r = _run_cli(src, "--out", out, "--val_fraction", "0.2")
     assert r.returncode == 0 and "up to date" in r.stdout
     forced = prepare_corpus([src], out, val_fraction=0.2, force=True, progress=False)
     assert not forced["skipped"]
@@ -158,7 +158,7 @@ def test_errors(tmp_path):
     (tmp_path / "one" / "a.py").write_text("x = 1\n")
     with pytest.raises(UserError, match="cannot split 1 documents"):
         prepare_corpus([tmp_path / "one"], tmp_path / "o", progress=False)
-    with pytest.raises(UserError, match="--val-fraction 1.5"):
+    with pytest.raises(UserError, match="--val_fraction 1.5"):
         prepare_corpus([tmp_path / "one"], tmp_path / "o", val_fraction=1.5, progress=False)
     r = _run_cli(tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'missing'}: input file or directory does not exist\n"

@@ -18,7 +18,7 @@ PY = sys.executable
 
 
 def prepare(out: Path, *extra: str, wait: bool = True):
-    cmd = [PY, "-m", "data.prepare_corpus", "--out", str(out), "--no-progress", "--max-files", "40", *extra]
+    cmd = [PY, "-m", "data.prepare_corpus", "--out", str(out), "--no_progress", "--max_files", "40", *extra]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -66,12 +66,12 @@ def test_workers_0_is_refused(tmp_path):
 def test_disk_full_keeps_the_old_corpus_whole(tmp_path):
     with small_tmpfs(tmp_path / "mnt", "32m") as mnt:
         out = mnt / "local"
-        r = prepare(out, "--max-files", "20")
+        r = prepare(out, "--max_files", "20")
         assert r.returncode == 0, r.stderr
         before = snapshot(out)
         complete(out)
         fill(mnt)
-        r = prepare(out, "--max-files", "300")  # another corpus: a rebuild, which runs out of space
+        r = prepare(out, "--max_files", "300")  # another corpus: a rebuild, which runs out of space
         one_error(r, str(out), "No space left on device", "is left as it was")
         assert snapshot(out) == before  # no new train shard beside the old val shard
         assert sorted(p.name for p in mnt.iterdir()) == [".local.lock", "filler", "local"]  # no build left over
@@ -79,13 +79,13 @@ def test_disk_full_keeps_the_old_corpus_whole(tmp_path):
 
 def test_two_runs_into_one_directory_take_turns(tmp_path):
     out = tmp_path / "local"
-    a = prepare(out, "--max-files", "60", wait=False)
-    b = prepare(out, "--max-files", "30", wait=False)
+    a = prepare(out, "--max_files", "60", wait=False)
+    b = prepare(out, "--max_files", "30", wait=False)
     ra, rb = a.communicate(timeout=300), b.communicate(timeout=300)
     assert a.returncode == 0 and b.returncode == 0, (ra, rb)
     meta = complete(out)  # whichever ran last, its corpus is there whole
     assert meta["max_files"] in (60, 30)
-    r = prepare(out, "--max-files", str(meta["max_files"]))
+    r = prepare(out, "--max_files", str(meta["max_files"]))
     assert "up to date" in r.stdout
 
 
@@ -99,7 +99,7 @@ def test_a_build_waits_for_the_lock_of_another(tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a build in progress holds it
     err = tmp_path / "err.txt"
     with open(err, "w") as e:
-        p = subprocess.Popen([PY, "-m", "data.prepare_corpus", "--out", str(out), "--no-progress", "--max-files", "20"],
+        p = subprocess.Popen([PY, "-m", "data.prepare_corpus", "--out", str(out), "--no_progress", "--max_files", "20"],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=e)
     try:
         deadline = time.monotonic() + 120

@@ -27,7 +27,7 @@ def one_error(r, *needles: str) -> str:
 
 
 def launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCHER, *args, "--log-dir", str(tmp_path / "logs")], cwd=tmp_path,
+    return subprocess.run([*LAUNCHER, *args, "--log_dir", str(tmp_path / "logs")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -61,7 +61,7 @@ def test_missing_shards_stop_the_sweep_before_any_run(tmp_path):
 def test_ctrl_c_then_resume_continues_the_same_run_from_its_checkpoint(tmp_path):
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
-                                 "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(40)],
+                                 "--log_dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(40)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         (run,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the run's first step")

@@ -141,7 +141,7 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
 def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     logs = tmp_path / "logs"
     r = subprocess.run([*LAUNCHER, "--grid", "adam_lr=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
-                        "--tag", "head", "--parallel", "2", "--log-dir", str(logs), *tiny_sets(3)],
+                        "--tag", "head", "--parallel", "2", "--log_dir", str(logs), *tiny_sets(3)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr  # some runs did not finish
     doc = manifest_doc(logs)
@@ -169,7 +169,7 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     assert "by tag (finished runs):" in r.stdout and "baseline: none finished (no delta)" in r.stdout
     # resume keeping diverged results: nothing to do, nothing started
     n_logs = len(list(logs.glob("*.txt")))
-    r2 = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--keep-diverged", "--log-dir", str(logs)],
+    r2 = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--keep_diverged", "--log_dir", str(logs)],
                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r2.returncode == 1 and "0 run(s) to do of 4" in r2.stdout
     assert len(list(logs.glob("*.txt"))) == n_logs
@@ -212,7 +212,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     sweep.write_text('name = "ord"\n[defaults]\nseeds = [0]\n[[grids]]\ntag = "ord"\nscript = "train_gpt_muon_new.py"\n'
                      "[grids.axes]\nspectral_lr_mul = [0.0, 1.0]\n")
     env, release = held_env(tmp_path, 1)  # each run holds after step 1 until `release` exists
-    launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log-dir", str(logs), *tiny_sets(6)],
+    launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log_dir", str(logs), *tiny_sets(6)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         (victim,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the first run's first step")
@@ -237,7 +237,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert spans[0][1] <= spans[1][0]  # sequential by default
     # resume: only the killed run again, under a new run id; the old log is left as it was
     old_log = log_path(logs, victim["run_id"]).read_bytes()
-    r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--log-dir", str(logs)], cwd=tmp_path,
+    r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--log_dir", str(logs)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 run(s) to do of 2" in r.stdout
@@ -257,7 +257,7 @@ def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
     (checkpoint, status:preempted, exit 0), so --resume can continue them (issue 19)."""
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py",
-                                 "--parallel", "2", "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}",
+                                 "--parallel", "2", "--log_dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}",
                                  *tiny_sets(200)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -321,7 +321,7 @@ def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
         pytest.skip("packing needs a node with at least 2 GPUs")
     logs = tmp_path / "logs"
     r = subprocess.run([*LAUNCHER, "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py",
-                        "--log-dir", str(logs), "--set", "compile=off", *tiny_sets(20)],
+                        "--log_dir", str(logs), "--set", "compile=off", *tiny_sets(20)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     doc = manifest_doc(logs)
@@ -339,7 +339,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     logs = tmp_path / "logs"
     env, release = held_env(tmp_path, 2)  # the run holds after step 2 until SIGTERM reaches it
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
-                                 "--log-dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
+                                 "--log_dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         (run,) = _wait_for(lambda: _running_with_steps(logs, 1, at_step=2), 120, "the run's step 2")
@@ -355,7 +355,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     assert log.status == "preempted" and (x["status"], x["exit_code"]) == ("preempted", 0), out
     stopped_at = int(log.status_fields["step"])
     assert stopped_at == 2  # where it held: the signal came mid-run
-    r = subprocess.run([*LAUNCHER, "--resume", manifest_doc(logs)["sweep_id"], "--log-dir", str(logs)], cwd=tmp_path,
+    r = subprocess.run([*LAUNCHER, "--resume", manifest_doc(logs)["sweep_id"], "--log_dir", str(logs)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     (x,) = manifest_doc(logs)["runs"]

@@ -71,10 +71,10 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
 @pytest.mark.parametrize("no_wait", [False, True], ids=["wait", "no-wait-then-resume"])
 def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path, no_wait):  # noqa: F811
     logs = tmp_path / "logs"
-    sets = [a for s in TINY for a in ("--set", s)] + (["--no-wait"] if no_wait else [])
+    sets = [a for s in TINY for a in ("--set", s)] + (["--no_wait"] if no_wait else [])
     r = subprocess.run([*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00",
-                        "--gpus-per-node", "0", "--poll", "0.5", "--grid", "spectral_lr_mul=0,1",
-                        "--script", "train_gpt_muon_new.py", "--tag", "ord", "--log-dir", str(logs), *sets],
+                        "--gpus_per_node", "0", "--poll", "0.5", "--grid", "spectral_lr_mul=0,1",
+                        "--script", "train_gpt_muon_new.py", "--tag", "ord", "--log_dir", str(logs), *sets],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
     assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
     (path,) = (logs / "sweeps").glob("*.json")
@@ -84,7 +84,7 @@ def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path, no_wait)
         assert "submitted; follow with: python monitor_runs.py --sweep" in r.stdout
         submitted = {x["run_id"]: x["job_id"] for x in doc["runs"]}
         assert all(x["status"] in ("submitted", "running") for x in doc["runs"])
-        r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--poll", "0.5", "--log-dir", str(logs)],
+        r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--poll", "0.5", "--log_dir", str(logs)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
         assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
         doc = json.loads(path.read_text())

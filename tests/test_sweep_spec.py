@@ -82,7 +82,7 @@ def test_flags_grid_product_baseline_and_list_fields(tmp_path):
     (["--grid", "no_such_field=1,2"], "--grid no_such_field: unknown config field 'no_such_field'"),
     (["--grid", "muon_lr=0.02,-1"], "muon_lr=-1.0 is invalid: must be finite and >= 0"),
     (["--grid", "num_heads=2,3", "--set", "model_dim=32"], "num_heads=3 is invalid: must divide model_dim=32"),
-    (["--grid", "muon_lr=0.01,0.02,0.03", "--seeds", "0,1", "--max-runs", "5"], "expands to 6 runs, more than --max-runs 5"),
+    (["--grid", "muon_lr=0.01,0.02,0.03", "--seeds", "0,1", "--max_runs", "5"], "expands to 6 runs, more than --max_runs 5"),
     (["--grid", "muon_lr=0.1", "--tag", "../evil"], "tag '../evil_0.1' is invalid"),
     (["--grid", "muon_lr=0.1", "--tag", "a/b"], "tag 'a/b_0.1' is invalid"),
     (["--grid", "seq_len=abc"], "seq_len='abc' is not an integer"),
@@ -93,7 +93,7 @@ def test_flags_grid_product_baseline_and_list_fields(tmp_path):
     (["--grid", "muon_lr=0.1", "--nproc", "4", "--gpus", "0,1"], "run muon_lr_0.1 needs 4 GPUs; this node has 2"),
 ])
 def test_bad_input_one_line_exit_2_nothing_started(tmp_path, args, needle):
-    r = _launch(*args, "--log-dir", str(tmp_path / "logs"))
+    r = _launch(*args, "--log_dir", str(tmp_path / "logs"))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
@@ -103,11 +103,11 @@ def test_bad_input_one_line_exit_2_nothing_started(tmp_path, args, needle):
 def test_bad_value_in_toml_names_the_file(tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text('[defaults]\nseq_len = 32\n[[grids]]\ntag = "x"\n[grids.axes]\ncooldown_frac = [0.5, 1.5]\n')
-    r = _launch(str(f), "--log-dir", str(tmp_path / "logs"))
+    r = _launch(str(f), "--log_dir", str(tmp_path / "logs"))
     assert r.returncode == 2 and "cooldown_frac=1.5 is invalid: must be in [0, 1]" in r.stderr
     assert "run x_1.5 seed 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     f.write_text('[[grids]]\n[grids.axes]\nbogus = [1]\n')
-    r = _launch(str(f), "--log-dir", str(tmp_path / "logs"))
+    r = _launch(str(f), "--log_dir", str(tmp_path / "logs"))
     assert r.returncode == 2 and f"{f} [[grids]] #1.axes: unknown config field 'bogus'" in r.stderr
     f.write_text('[defaults]\nrun_id = "x"\n[[runs]]\n')
     with pytest.raises(UserError, match="'run_id' cannot be set in a sweep"):
@@ -116,15 +116,15 @@ def test_bad_value_in_toml_names_the_file(tmp_path):
 
 
 def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
-    r = _launch("sweeps/tiny_ord.toml", "--seeds", "0,1", "--dry-run", "--log-dir", str(tmp_path / "logs"))
+    r = _launch("sweeps/tiny_ord.toml", "--seeds", "0,1", "--dry_run", "--log_dir", str(tmp_path / "logs"))
     assert r.returncode == 0, r.stderr
     cmds = [l for l in r.stdout.splitlines() if not l.startswith("#")]
     assert len(cmds) == 8 and all(" train_gpt" in c and "--run_id lrmul-1-1.52-1.73-1-cd0.55-" in c for c in cmds)
     assert sum("--tag spectral_lr_0.1 --seed 1" in c for c in cmds) == 1
     assert not (tmp_path / "logs").exists()
     # Slurm: the sbatch scripts instead
-    r = _launch("sweeps/spectral_lr.toml", "--dry-run", "--slurm", "--partition", "gpu", "--time", "01:00:00",
-                "--nodes", "2", "--log-dir", str(tmp_path / "logs"))
+    r = _launch("sweeps/spectral_lr.toml", "--dry_run", "--slurm", "--partition", "gpu", "--time", "01:00:00",
+                "--nodes", "2", "--log_dir", str(tmp_path / "logs"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("#SBATCH --partition=gpu") == 6 and r.stdout.count("#SBATCH --gpus-per-node=8") == 6
     assert "--nnodes=$SLURM_NNODES" in r.stdout and '--rdzv-endpoint="$head:$port"' in r.stdout

@@ -252,7 +252,7 @@ def test_logs_to_tensorboard_from_a_text_log(tmp_path):
 def test_plot_loss_to_tensorboard_cli(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard not installed (requirements-trackers.txt)")
     _write_synthetic(tmp_path / "logs" / "syn.txt")
-    proc = subprocess.run([sys.executable, str(ROOT / "plot_loss.py"), str(tmp_path / "logs"), "--to-tensorboard",
+    proc = subprocess.run([sys.executable, str(ROOT / "plot_loss.py"), str(tmp_path / "logs"), "--to_tensorboard",
                            str(tmp_path / "tb")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {tmp_path / 'tb' / 'syn'}"

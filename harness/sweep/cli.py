@@ -7,7 +7,7 @@ on Slurm; survive failed runs; resume; print a summary, best first, against the 
     python launch_lr_sweep.py sweeps/tiny_ord.toml --parallel 2        # CPU
     python launch_lr_sweep.py sweeps/spectral_lr.toml --slurm --partition gpu --time 02:00:00
     python launch_lr_sweep.py --resume spectral_lr-20260101-120000     # rerun what did not finish
-    python launch_lr_sweep.py ... --dry-run                            # print every command
+    python launch_lr_sweep.py ... --dry_run                            # print every command
 
 Every run is validated (unknown field, bad value, batch arithmetic) before the first starts.
 The manifest logs/sweeps/<sweep_id>.json records each run's command, run id, status, exit code
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from base import UserError
+from base.cli import ArgumentParser
 from harness.sweep.launch import check_data, create_sweep, dry_run_text, exit_status, plan_resume, refresh_from_logs, summary_table
 from harness.sweep.local import LocalExecutor, detect_gpus
 from harness.sweep.manifest import Manifest
@@ -31,44 +32,47 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # where the training scripts ar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch_lr_sweep.py", description=__doc__,
+    p = ArgumentParser(prog="launch_lr_sweep.py", description=__doc__,
+                       usage="%(prog)s [SWEEP_FILE] [--grid FIELD=V1,V2 ...] [--set FIELD=VALUE ...] [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("sweep_file", nargs="?", help="a sweep TOML file (sweeps/*.toml)")
+    p.add_argument("sweep_file", nargs="?", metavar="SWEEP_FILE", help="a sweep TOML file (sweeps/*.toml)")
     d = p.add_argument_group("declaring runs (on top of the file, or alone)")
     d.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
-                   help="a grid axis (repeat for a cartesian product); list fields: items joined by ':'")
-    d.add_argument("--seeds", help="comma-separated seeds for every run (default 0)")
+                   help="a grid axis over a config field (repeat for a cartesian product); list fields: items joined by ':'")
+    d.add_argument("--seeds", metavar="S1,S2", help="comma-separated seeds for every run (default 0)")
     d.add_argument("--script", help="training script of the --grid runs (default train_gpt.py)")
     d.add_argument("--tag", help="tag prefix of the --grid runs (tags are TAG_<value>)")
     d.add_argument("--baseline", action="append", default=[], metavar="SCRIPT",
                    help="add baseline runs with this script and the shared settings")
-    d.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config value shared by every run")
+    d.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config value shared by every run (repeatable)")
     d.add_argument("--preset", help="config preset of every run")
-    d.add_argument("--nproc", type=int, help="processes (GPUs) per run and node")
+    d.add_argument("--nproc", type=int, metavar="N", help="processes (GPUs) per run and node")
     d.add_argument("--name", help="sweep name (the sweep id is NAME-<timestamp>)")
-    d.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS, help="refuse grids larger than this (default 200)")
-    d.add_argument("--log-dir", default="logs", help="run logs and logs/sweeps/ manifests (default logs)")
+    d.add_argument("--max_runs", type=int, default=DEFAULT_MAX_RUNS, metavar="N",
+                   help="refuse a sweep of more than N runs (default 200)")
+    d.add_argument("--log_dir", default="logs", metavar="DIR", help="run logs and logs/sweeps/ manifests (default logs)")
     x = p.add_argument_group("executing")
-    x.add_argument("--dry-run", action="store_true", help="print every command (or sbatch script) and exit")
-    x.add_argument("--parallel", type=int, help="runs at once (CPU default 1; GPU default: as many as fit)")
-    x.add_argument("--gpus", help="GPUs to pack runs onto: comma-separated ids, or 'none' (default: detected)")
+    x.add_argument("--dry_run", action="store_true", help="print every command (or sbatch script) and exit")
+    x.add_argument("--parallel", type=int, metavar="K", help="runs at once (CPU default 1; GPU default: as many as fit)")
+    x.add_argument("--gpus", metavar="IDS", help="GPUs to pack runs onto: comma-separated ids, or 'none' (default: detected)")
     x.add_argument("--torchrun", choices=("auto", "always"), default=None,
                    help="auto: plain python for 1-process runs; always: torchrun even then")
-    x.add_argument("--grace", type=float, default=None, help="seconds runs get to stop after Ctrl-C (default 20)")
-    x.add_argument("--python", default=sys.executable, help="Python that runs the trainer (default: this one)")
+    x.add_argument("--grace", type=float, default=None, metavar="SECONDS", help="seconds runs get to stop after Ctrl-C (default 20)")
+    x.add_argument("--python", default=sys.executable, metavar="PATH", help="Python that runs the trainer (default: this one)")
     s = p.add_argument_group("Slurm")
     s.add_argument("--slurm", action="store_true", help="one sbatch job per run")
-    s.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
-    s.add_argument("--time", help="job time limit, e.g. 02:00:00 (SIGTERM --signal-s before it: checkpoint)")
-    s.add_argument("--nodes", type=int, help="nodes per run (default 1)")
-    s.add_argument("--gpus-per-node", type=int, help="default: the run's nproc, none for a CPU preset (tiny); 0 for CPU nodes")
-    s.add_argument("--signal-s", type=int, help="seconds before the time limit to send SIGTERM (default 120)")
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG", help="an extra #SBATCH argument")
-    s.add_argument("--poll", type=float, help="seconds between squeue polls (default 10)")
-    s.add_argument("--no-wait", action="store_true", help="submit and exit; --resume ID later waits and summarizes")
+    s.add_argument("--partition", metavar="NAME", help="Slurm partition (default: the cluster's default)")
+    s.add_argument("--time", metavar="HH:MM:SS", help="job time limit (the run gets SIGTERM --signal_s before it and checkpoints)")
+    s.add_argument("--nodes", type=int, metavar="N", help="nodes per run (default 1)")
+    s.add_argument("--gpus_per_node", type=int, metavar="N",
+                   help="GPUs to request per node (default: the run's nproc; none for a CPU preset such as tiny); 0 for CPU nodes")
+    s.add_argument("--signal_s", type=int, metavar="SECONDS", help="seconds before the time limit to send SIGTERM (default 120)")
+    s.add_argument("--sbatch_arg", action="append", default=[], metavar="ARG", help="an extra #SBATCH argument")
+    s.add_argument("--poll", type=float, metavar="SECONDS", help="seconds between squeue polls (default 10)")
+    s.add_argument("--no_wait", action="store_true", help="submit and exit; --resume ID later waits and summarizes")
     r = p.add_argument_group("resuming")
     r.add_argument("--resume", metavar="SWEEP_ID", help="rerun the runs of this sweep that have no finished log")
-    r.add_argument("--keep-diverged", action="store_true", help="with --resume: keep diverged runs as results")
+    r.add_argument("--keep_diverged", action="store_true", help="with --resume: keep diverged runs as results")
     r.add_argument("--summary", metavar="SWEEP_ID", help="print the summary of a sweep from its logs and exit")
     return p
 

@@ -305,7 +305,7 @@ def expand(spec: SweepSpec, repo_root: str | os.PathLike, max_runs: int = DEFAUL
         raise UserError("nothing to run: give a sweep file with [[runs]]/[[grids]], or --grid/--script/--baseline")
     n = grid_size(spec)
     if n > max_runs:
-        raise UserError(f"the sweep expands to {n} runs, more than --max-runs {max_runs} (raise --max-runs to allow it)")
+        raise UserError(f"the sweep expands to {n} runs, more than --max_runs {max_runs} (raise --max_runs to allow it)")
     plans: list[RunPlan] = []
     for entry in spec.entries:
         launcher = {**spec.defaults.launcher, **entry.launcher}
