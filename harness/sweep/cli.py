@@ -6,6 +6,8 @@ on Slurm; survive failed runs; resume; print a summary, best first, against the 
         --script train_gpt_muon_new.py --tag spectral_lr --baseline train_gpt.py --nproc 8
     python launch_lr_sweep.py sweeps/tiny_ord.toml --parallel 2        # CPU
     python launch_lr_sweep.py sweeps/spectral_lr.toml --slurm --partition gpu --time 02:00:00
+    python launch_lr_sweep.py ... --slurm --array --array_parallel 4   # one job array, 4 tasks at a time
+    python launch_lr_sweep.py ... --slurm --requeue --time 04:00:00     # pre-empted: requeue, resume
     python launch_lr_sweep.py --resume spectral_lr-20260101-120000     # rerun what did not finish
     python launch_lr_sweep.py ... --dry-run                            # print every command
 
