@@ -197,7 +197,7 @@ def _wait_until(cond, what: str, timeout: float = 120, poll: float = 0.1) -> Non
         time.sleep(poll)
 
 
-STEPS = 60
+STEPS = 100
 
 
 def test_a_preempted_job_requeues_itself_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
