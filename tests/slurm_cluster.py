@@ -23,6 +23,8 @@ import pytest
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 START_TIMEOUT_S = 30.0
+# a requeued job waits this long before it starts again (Slurm's default: 120 s)
+CRED_EXPIRE_S = 10
 
 
 def _free_ports(n: int) -> list[int]:
@@ -84,7 +86,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_sock}
+AuthInfo=socket={munge_sock},cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -96,6 +98,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none

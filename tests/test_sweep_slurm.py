@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 from harness.logs.format import log_path, read_log
 from harness.sweep.manifest import RunRecord
-from harness.sweep.slurm import SlurmOptions, sbatch_script
+from harness.sweep.slurm import SlurmOptions, array_script, sbatch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
@@ -110,3 +111,144 @@ def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path, no_wait)
     else:
         assert "submitted " in r.stdout
     assert "finished" in r.stdout.split("#  tag")[1]
+
+
+def _opts(**kw) -> SlurmOptions:
+    return SlurmOptions(partition="cpu", time="00:30:00", gpus_per_node=0, **kw)
+
+
+def test_array_and_requeue_scripts(tmp_path):
+    run_dir = tmp_path / "sweeps" / "s-1"
+    text = array_script("s-1", ["run_a", "run b"], run_dir, _opts(array=True, array_parallel=1, requeue=True), 0)
+    lines = text.splitlines()
+    assert "#SBATCH --array=0-1%1" in lines and "#SBATCH --requeue" in lines and "#SBATCH --signal=B:TERM@120" in lines
+    assert f"#SBATCH --output={run_dir}/array.%A_%a.out" in lines
+    assert "runs=(run_a 'run b')" in lines and "run_id=${runs[$SLURM_ARRAY_TASK_ID]}" in lines
+    assert lines[-1] == f'exec bash {run_dir}/"$run_id.sh"'
+    assert "#SBATCH --array=0-2" in array_script("s-1", ["a", "b", "c"], run_dir, _opts(array=True), 0).splitlines()
+    assert "--requeue" not in array_script("s-1", ["a"], run_dir, _opts(array=True), 0)
+
+    # --requeue: the run is a child of the job's shell, which forwards SIGTERM, requeues a
+    # pre-empted job and resumes a requeued one from the run's checkpoint
+    opts = _opts(requeue=True)
+    one = sbatch_script(_rec(1), ["--run_id", "r"], opts, Path("/repo"), tmp_path / "o.out", python="/venv/bin/python",
+                        log_file="/logs/r.txt", checkpoint_dir="/ck/r")
+    assert "#SBATCH --requeue" in one and "#SBATCH --signal=B:TERM@120" in one
+    assert "exec " not in one and "trap '[ -z \"$child\" ] || kill -TERM \"$child\" 2>/dev/null' TERM" in one
+    assert '/venv/bin/python train_gpt.py --run_id r ${resume[@]+"${resume[@]}"} &' in one
+    assert "resume=(--resume latest)" in one and "ls /ck/r 2>/dev/null" in one and "SLURM_RESTART_COUNT" in one
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in one and "grep '^status:' /logs/r.txt" in one
+    # a command that resumes already keeps its own --resume
+    again = sbatch_script(_rec(1), ["--resume", "latest"], opts, Path("/repo"), tmp_path / "o.out",
+                          log_file="/logs/r.txt", checkpoint_dir="/ck/r")
+    assert "resume=(" not in again and "--resume latest &" in again
+    with pytest.raises(ValueError):
+        sbatch_script(_rec(1), [], opts, Path("/repo"), tmp_path / "o.out")
+    # several nodes: srun (one torchrun per node at the c10d rendezvous) runs as the child
+    multi = sbatch_script(_rec(8), ["--tag", "t"], SlurmOptions(nodes=2, requeue=True), Path("/repo"), tmp_path / "o.out",
+                          log_file="/logs/r.txt", checkpoint_dir="/ck/r")
+    srun = next(l for l in multi.splitlines() if "srun" in l)
+    assert srun.startswith("srun --nodes=$SLURM_NNODES") and srun.endswith('train_gpt.py --tag t ${resume[@]+"${resume[@]}"} &')
+    assert '--rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID"' in srun
+    for script in (text, one, again, multi):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def _sweep(slurm_cluster, tmp_path, *extra: str, steps: int = 3) -> list[str]:  # noqa: F811
+    sets = [a for s in TINY[:-1] + [f"num_scheduled_iterations={steps}"] for a in ("--set", s)]
+    return [*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00", "--gpus_per_node", "0",
+            "--poll", "0.5", "--log_dir", str(tmp_path / "logs"), *sets, *extra]
+
+
+def test_a_job_array_of_two_tiny_runs(slurm_cluster, tmp_path):  # noqa: F811
+    logs = tmp_path / "logs"
+    r = subprocess.run(_sweep(slurm_cluster, tmp_path, "--array", "--array_parallel", "1", "--no_wait",
+                              "--grid", "spectral_lr_mul=0,1", "--script", "train_gpt_muon_new.py", "--tag", "ord"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
+    assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
+    assert "submitted 2 run(s) as job array " in r.stdout
+    (path,) = (logs / "sweeps").glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["executor"]["slurm"]["array"] is True and doc["executor"]["slurm"]["array_parallel"] == 1
+    array_id = doc["runs"][0]["job_id"].split("_")[0]
+    assert [x["job_id"] for x in doc["runs"]] == [f"{array_id}_0", f"{array_id}_1"] and array_id.isdigit()
+    # --resume finds the array's tasks in the queue (squeue -r), waits for them and summarizes
+    r = subprocess.run([*LAUNCHER, "--resume", doc["sweep_id"], "--poll", "0.5", "--log_dir", str(logs)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=slurm_cluster.env)
+    assert r.returncode == 0, r.stdout + r.stderr + slurm_cluster.log_tail()
+    doc = json.loads(path.read_text())
+    run_dir = logs / "sweeps" / doc["sweep_id"]
+    assert sorted(p.name for p in run_dir.glob("*.sbatch")) == ["array-1.sbatch"]  # one job, not one per run
+    assert "#SBATCH --array=0-1%1" in (run_dir / "array-1.sbatch").read_text()
+    for task, x in enumerate(doc["runs"]):
+        assert (x["status"], x["exit_code"], x["job_id"]) == ("finished", 0, f"{array_id}_{task}"), x
+        log = read_log(log_path(logs, x["run_id"]))
+        assert log.finished and x["final_val_loss"] == log.final_val_loss
+        assert log.config["spectral_lr_mul"] == x["swept"]["spectral_lr_mul"]
+        out = Path(x["output"])
+        assert out.name == f"{x['run_id']}.{array_id}_{task}.out" and "status:finished" in out.read_text()
+        assert (run_dir / f"{x['run_id']}.sh").read_text().startswith("#!/bin/bash\n")
+
+
+def _wait_until(cond, what: str, timeout: float = 120, poll: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+STEPS = 100
+
+
+def test_a_preempted_job_requeues_itself_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
+    logs = tmp_path / "logs"
+    launcher = subprocess.Popen(_sweep(slurm_cluster, tmp_path, "--requeue", "--tag", "rq", steps=STEPS),
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(slurm_cluster.env, OMP_NUM_THREADS="1"))  # (the job inherits it)
+    try:
+        manifests = lambda: list((logs / "sweeps").glob("*.json")) if (logs / "sweeps").is_dir() else []  # noqa: E731
+        _wait_until(lambda: manifests() and json.loads(manifests()[0].read_text())["runs"][0]["job_id"], "the job id")
+        rec = json.loads(manifests()[0].read_text())["runs"][0]
+        log_file = log_path(logs, rec["run_id"])
+        # signalled at its first step: a run of STEPS tiny steps is still far from its end then
+        _wait_until(lambda: log_file.is_file() and (read_log(log_file).last_step or 0) >= 1, "the run's first step",
+                    poll=0.02)
+        # what Slurm does --signal_s before the time limit: SIGTERM to the job's shell only
+        subprocess.run(["scancel", "--signal=TERM", "--batch", rec["job_id"]], check=True, env=slurm_cluster.env)
+        out, _ = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, out + slurm_cluster.log_tail()
+    (x,) = json.loads(manifests()[0].read_text())["runs"]
+    assert (x["status"], x["exit_code"], x["job_id"]) == ("finished", 0, rec["job_id"]), x
+    log = read_log(log_file)
+    # pre-empted at the end of a step with a checkpoint, then the requeued job went on from it
+    (preempted,) = log.resumed_from
+    assert 1 <= preempted < STEPS and log.finished and log.last_step == STEPS
+    assert [r.step for r in log.train_steps] == list(range(1, STEPS + 1))
+    lines = log_file.read_text().splitlines()
+    assert [l.split()[0] for l in lines if l.startswith("status:")] == ["status:preempted", "status:finished"]
+    after = lines[lines.index(f"resumed from step {preempted}") + 1:]
+    assert next(l for l in after if l.startswith("step:")).startswith(f"step:{preempted + 1}/{STEPS} ")
+    console = Path(x["output"]).read_text()
+    assert "pre-empted: requeueing job" in console and "requeued (restart 1): resuming" in console
+
+
+def test_array_dry_run_and_flags_that_need_slurm_or_array(tmp_path):
+    logs = tmp_path / "logs"
+    r = subprocess.run([*LAUNCHER, "sweeps/spectral_lr.toml", "--dry_run", "--slurm", "--array", "--array_parallel", "2",
+                        "--requeue", "--time", "01:00:00", "--log_dir", str(logs)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # one array script for the 6 runs (same GPUs each), then the 6 command files its tasks read
+    assert r.stdout.count("#SBATCH --array=0-5%2") == 1 and r.stdout.count("#SBATCH --requeue") == 1
+    assert r.stdout.count("/array-1.sbatch\n") == 1 and r.stdout.count(".sh\n#!/bin/bash\n") == 6
+    assert r.stdout.count('scontrol requeue "$SLURM_JOB_ID"') == 6
+    assert not logs.exists()
+    for flags, error in ((["--array"], "error: --array: only with --slurm"),
+                         (["--slurm", "--array_parallel", "2"], "error: --array_parallel 2: only with --array"),
+                         (["--slurm", "--array", "--array_parallel", "0"], "error: --array_parallel 0: must be >= 1")):
+        r = subprocess.run([*LAUNCHER, "sweeps/spectral_lr.toml", "--dry_run", *flags, "--log_dir", str(logs)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(error), (flags, r.stderr)

@@ -6,6 +6,8 @@ on Slurm; survive failed runs; resume; print a summary, best first, against the 
         --script train_gpt_muon_new.py --tag spectral_lr --baseline train_gpt.py --nproc 8
     python launch_lr_sweep.py sweeps/tiny_ord.toml --parallel 2        # CPU
     python launch_lr_sweep.py sweeps/spectral_lr.toml --slurm --partition gpu --time 02:00:00
+    python launch_lr_sweep.py ... --slurm --array --array_parallel 4   # one job array, 4 tasks at a time
+    python launch_lr_sweep.py ... --slurm --requeue --time 04:00:00     # pre-empted: requeue, resume
     python launch_lr_sweep.py --resume spectral_lr-20260101-120000     # rerun what did not finish
     python launch_lr_sweep.py ... --dry_run                            # print every command
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--grace", type=float, default=None, metavar="SECONDS", help="seconds runs get to stop after Ctrl-C (default 20)")
     x.add_argument("--python", default=sys.executable, metavar="PATH", help="Python that runs the trainer (default: this one)")
     s = p.add_argument_group("Slurm")
-    s.add_argument("--slurm", action="store_true", help="one sbatch job per run")
+    s.add_argument("--slurm", action="store_true", help="one sbatch job per run (or one array: --array)")
     s.add_argument("--partition", metavar="NAME", help="Slurm partition (default: the cluster's default)")
     s.add_argument("--time", metavar="HH:MM:SS", help="job time limit (the run gets SIGTERM --signal_s before it and checkpoints)")
     s.add_argument("--nodes", type=int, metavar="N", help="nodes per run (default 1)")
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sbatch_arg", action="append", default=[], metavar="ARG", help="an extra #SBATCH argument")
     s.add_argument("--poll", type=float, metavar="SECONDS", help="seconds between squeue polls (default 10)")
     s.add_argument("--no_wait", action="store_true", help="submit and exit; --resume ID later waits and summarizes")
+    s.add_argument("--array", action="store_true", help="one sbatch job array for the runs instead of one job each")
+    s.add_argument("--array_parallel", type=int, metavar="K", help="with --array: at most K tasks run at once")
+    s.add_argument("--requeue", action="store_true",
+                   help="a job pre-empted (SIGTERM, e.g. --signal_s before --time) requeues itself and resumes from its checkpoint")
     r = p.add_argument_group("resuming")
     r.add_argument("--resume", metavar="SWEEP_ID", help="rerun the runs of this sweep that have no finished log")
     r.add_argument("--keep_diverged", action="store_true", help="with --resume: keep diverged runs as results")
@@ -86,7 +92,15 @@ def _slurm_options(args, saved: dict) -> SlurmOptions:
             setattr(base, attr, value)
     if args.sbatch_arg:
         base.extra = list(args.sbatch_arg)
-    base.wait = not args.no_wait  # per call: a --resume of a --no-wait sweep waits unless told otherwise
+    base.array = base.array or args.array
+    base.requeue = base.requeue or args.requeue
+    if args.array_parallel is not None:
+        if not base.array:
+            raise UserError(f"--array_parallel {args.array_parallel}: only with --array (one job array for the runs)")
+        if args.array_parallel < 1:
+            raise UserError(f"--array_parallel {args.array_parallel}: must be >= 1")
+        base.array_parallel = args.array_parallel
+    base.wait = not args.no_wait  # per call: a --resume of a --no_wait sweep waits unless told otherwise
     if base.nodes < 1:
         raise UserError(f"--nodes {base.nodes}: must be >= 1")
     return base
@@ -133,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                                 use_torchrun=use_torchrun, nodes=opts.nodes if opts else 1, argv=argv)
         todo = list(manifest.runs)
 
+    slurm_only = [f for f, on in (("--array", args.array), ("--array_parallel", args.array_parallel is not None),
+                                  ("--requeue", args.requeue)) if on]
+    if slurm_only and not slurm:
+        raise UserError(f"{slurm_only[0]}: only with --slurm (Slurm job arrays and requeueing)")
     if slurm:
         executor = SlurmExecutor(manifest, REPO_ROOT, opts, python=args.python)
         manifest.executor = {"kind": "slurm", "slurm": opts.to_json(), "torchrun": use_torchrun}
@@ -148,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest.executor = {"kind": "local", "parallel": parallel, "gpus": gpus, "grace": grace, "torchrun": use_torchrun}
 
     if args.dry_run:
-        print(dry_run_text(manifest, executor.script_for if slurm else None))
+        print(dry_run_text(manifest, executor.scripts_for if slurm else None))
         return 0
     check_data(todo, REPO_ROOT, log_dir)
     if slurm:

@@ -152,17 +152,27 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
     return todo
 
 
-def _has_checkpoint(plan, run_id: str, log_dir: str) -> bool:
-    """Whether the run has a step_<N>.pt in its checkpoint directory (runs start in the repo root)."""
+def _checkpoint_dir(plan, run_id: str, log_dir: str) -> Path | None:
+    """`<checkpoint_dir>/<run_id>` of the run (runs start in the repo root), None if its config does not resolve."""
     try:
         cfg = resolved_config(plan, log_dir)
     except UserError:
-        return False
+        return None
     base = Path(cfg.checkpoint_dir)
     if not base.is_absolute():
         base = Path(__file__).resolve().parents[2] / base
-    directory = base / run_id
-    return directory.is_dir() and any(re.match(r"^step_\d+\.pt$", p.name) for p in directory.iterdir())
+    return base / run_id
+
+
+def run_checkpoint_dir(rec: RunRecord, log_dir: str) -> Path | None:
+    return _checkpoint_dir(_plan_of(rec), rec.run_id, log_dir)
+
+
+def _has_checkpoint(plan, run_id: str, log_dir: str) -> bool:
+    """Whether the run has a step_<N>.pt in its checkpoint directory."""
+    directory = _checkpoint_dir(plan, run_id, log_dir)
+    return directory is not None and directory.is_dir() \
+        and any(re.match(r"^step_\d+\.pt$", p.name) for p in directory.iterdir())
 
 
 def _alive(pid: int) -> bool:
@@ -190,14 +200,13 @@ def refresh_from_logs(manifest: Manifest) -> None:
 # Commands and summary
 
 
-def dry_run_text(manifest: Manifest, slurm_scripts: Callable[[RunRecord], tuple[Path, str]] | None = None) -> str:
+def dry_run_text(manifest: Manifest,
+                 slurm_scripts: Callable[[list[RunRecord]], list[tuple[Path, str]]] | None = None) -> str:
     out = [f"# sweep {manifest.sweep_id}: {len(manifest.runs)} run(s), logs in {manifest.log_dir}"]
-    for rec in manifest.runs:
-        if slurm_scripts is not None:
-            path, text = slurm_scripts(rec)
-            out.append(f"# {path}\n{text}")
-        else:
-            out.append(shlex.join(rec.command))
+    if slurm_scripts is not None:
+        out += [f"# {path}\n{text}" for path, text in slurm_scripts(manifest.runs)]
+    else:
+        out += [shlex.join(rec.command) for rec in manifest.runs]
     return "\n".join(out)
 
 

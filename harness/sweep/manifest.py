@@ -45,7 +45,7 @@ class RunRecord:
     reason: str = ""
     pid: int | None = None  # of the launched process group's leader (local)
     gpus: list[int] | None = None
-    job_id: str | None = None  # Slurm
+    job_id: str | None = None  # Slurm: the job id, or <array job id>_<task> for a job array's task
     output: str = ""  # the run's console output (stdout + stderr)
     started: float | None = None
     ended: float | None = None
