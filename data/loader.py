@@ -76,6 +76,8 @@ class DistributedTokenLoader:
         device="cpu",
         prefetch: bool = True,
         bos_id: int = EOT,
+        sampling: str = "sequential",
+        seed: int = 0,
     ):
         _check_positive("seq_len", seq_len)
         _check_positive("world_size", world_size)
@@ -86,6 +88,12 @@ class DistributedTokenLoader:
         self.seq_len, self.rank, self.world_size = int(seq_len), int(rank), int(world_size)
         self.vocab_size, self.align_bos, self.bos_id = int(vocab_size), bool(align_bos), int(bos_id)
         self.device = torch.device(device)
+        if sampling not in ("sequential", "random"):
+            raise UserError(f"sampling={sampling!r}: sequential or random")
+        if sampling == "random" and self.align_bos:
+            raise UserError("sampling=random picks windows at any offset: it cannot also align them to BOS")
+        self.sampling, self.seed = sampling, int(seed)
+        self._batches = 0  # batches handed out: random sampling's position
         self._shard_index, self._pos = 0, 0  # where the next batch handed out starts
         self._open: dict[int, tuple] = {}  # at most the current and the next shard
         self._checked: set[int] = set()
@@ -183,6 +191,28 @@ class DistributedTokenLoader:
             inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
         return inputs, targets, shard, int(starts[-1]) + L
 
+    def _read_random(self, batch: int, tokens_per_batch: int):
+        """nanoGPT's get_batch over shards: each window of global batch number `batch` starts at
+        a uniformly random token (shards weighted by how many starts they hold), drawn from a
+        generator seeded by (seed, batch): every rank draws the same windows and takes its own,
+        and a resumed run draws what the uninterrupted one would."""
+        L, n = self.seq_len, tokens_per_batch // self.seq_len
+        per_rank = n // self.world_size
+        if not hasattr(self, "_room"):
+            self._room = np.array([max(0, len(open_shard(f)) - L) for f in self.files], dtype=np.int64)
+            if self._room.sum() == 0:
+                raise UserError(f"{self.files[0]}: no shard holds one window of {L + 1} tokens")
+        rng = np.random.default_rng([self.seed, batch])
+        shards = rng.choice(len(self.files), size=n, p=self._room / self._room.sum())
+        starts = rng.integers(0, self._room[shards])  # start in [0, len - L - 1]: the target fits
+        x, y = np.empty((per_rank, L), dtype=np.int64), np.empty((per_rank, L), dtype=np.int64)
+        first = self.rank * per_rank
+        for k in range(per_rank):
+            tokens = self._shard(int(shards[first + k]))[0]
+            s = int(starts[first + k])
+            x[k], y[k] = tokens[s:s + L], tokens[s + 1:s + L + 1]
+        return _to_device(x, self.device), _to_device(y, self.device)
+
     # ---- public API ---------------------------------------------------------------------------
     def _validate_batch(self, global_batch_tokens: int) -> None:
         unit = self.world_size * self.seq_len
@@ -215,6 +245,9 @@ class DistributedTokenLoader:
         """(inputs, targets): int64 (global_batch_tokens // (world_size*seq_len), seq_len) on device."""
         self._validate_batch(global_batch_tokens)
         global_batch_tokens = int(global_batch_tokens)
+        if self.sampling == "random":
+            self._batches += 1
+            return self._read_random(self._batches - 1, global_batch_tokens)
         result = self._take_pending(global_batch_tokens)
         if result is None:
             result = self._read(self._shard_index, self._pos, global_batch_tokens)
@@ -227,7 +260,8 @@ class DistributedTokenLoader:
 
     def state_dict(self) -> dict:
         """Where the next batch starts; plain ints (torch.load(weights_only=True) reads it)."""
-        return {"shard_index": self._shard_index, "position": self._pos, "num_shards": len(self.files)}
+        return {"shard_index": self._shard_index, "position": self._pos, "num_shards": len(self.files),
+                "batches": self._batches}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -241,6 +275,7 @@ class DistributedTokenLoader:
             )
         self._take_pending(-1)  # drop any speculative batch
         self._shard_index, self._pos = shard, pos
+        self._batches = int(state.get("batches", 0))
 
     def close(self) -> None:
         self._take_pending(-1)

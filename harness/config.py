@@ -44,6 +44,10 @@ class Config:
     val_files: str = "data/local/local_val_*.bin"  # glob of the validation token shards
     val_tokens: int = 32768  # tokens per validation (over all ranks)
     align_bos: bool = False  # start every training sequence at a document start (BOS)
+    # how training windows are picked: sequential (consecutive windows through the shards, as
+    # modded-nanogpt) | random (each at a uniformly random offset, nanoGPT's get_batch; seeded by
+    # seed and the batch number, so a resumed run draws the same windows)
+    sampling: str = "sequential"
     # renumber the ids that occur in the train+val shards to 0..V-1 and set vocab_size to V
     # padded to 128: the same text and task with a smaller head (data.shards; on the local
     # corpus 22,784 rows instead of 50,304). Off in the classic and speedrun presets.
@@ -193,11 +197,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # The classic baseline: GPT-2 as nanoGPT trains it (learned positions, LayerNorm, GELU, tied
     # head; AdamW 1e-3 with betas 0.9/0.95, weight decay 0.1, eps 1e-8, clip 1.0, warm-up then
-    # cosine decay to 0.1x; block 256, batch 8 x 256 tokens) at the tiny preset's size and data.
+    # cosine decay to 0.1x; block 256, batch 8 x 256 tokens at random offsets) at the tiny
+    # preset's size and data.
     "classic": dict(
         model="classic",
         optimizer="adamw",
         compact_vocab=False,  # GPT-2's vocabulary, as nanoGPT
+        sampling="random",  # nanoGPT's get_batch
         batch_sizes=[2048, 2048, 2048, 2048],
         num_scheduled_iterations=200,
         num_extension_iterations=0,
@@ -411,6 +417,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
            "muon for train_gpt_muon_new.py (ORD is a change inside Muon)")
     _check(cfg.optimizer == "muon" or cfg.diag_every == 0, "diag_every", cfg.diag_every,
            "0 with optimizer=adamw (the diagnostics measure Muon's matrices)")
+    _check(cfg.sampling in ("sequential", "random"), "sampling", cfg.sampling, "sequential or random")
+    _check(cfg.sampling == "sequential" or not cfg.align_bos, "sampling", cfg.sampling,
+           "sequential with align_bos (random windows start anywhere)")
+    _check(cfg.sampling == "sequential" or cfg.model != "speedrun", "sampling", cfg.sampling,
+           "sequential with model=speedrun (the fork's document-packed batches)")
     _check(cfg.lr_decay_shape in ("linear", "cosine"), "lr_decay_shape", cfg.lr_decay_shape, "linear or cosine")
     _check(not cfg.warmup or cfg.model == "speedrun", "warmup", cfg.warmup,
            "only with model=speedrun (pass --warmup 0 with model=gpt)")

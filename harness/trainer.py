@@ -133,6 +133,8 @@ class Trainer:
             vocab_size=self.data_vocab,
             align_bos=cfg.align_bos,
             device=self.device,
+            sampling=cfg.sampling,
+            seed=cfg.seed,
         )
         self.val_batch_tokens = self._val_batch_tokens()
         # fail on a too-short val shard now, not at the first validation

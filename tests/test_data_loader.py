@@ -281,3 +281,28 @@ def test_cuda_matches_cpu(tmp_path, align_bos):
     vx = [x for x, _ in val_batches(paths, val_tokens=256, seq_len=16, rank=0, world_size=2, batch_tokens=128,
                                     vocab_size=VOCAB, device="cuda")]
     assert all(x.is_cuda for x in vx)
+
+
+def test_random_sampling_is_seeded_by_batch_number_shared_by_ranks_and_resumable(tmp_path):
+    """sampling=random (nanoGPT's get_batch): windows at random offsets, the same global batch on
+    every rank (each takes its rows), the same batches after a resume, and a different seed
+    draws different windows."""
+    files, shards = _synthetic_shards(tmp_path, [5000, 3000])
+    kw = dict(seq_len=16, vocab_size=VOCAB, sampling="random")
+    one = DistributedTokenLoader(files, rank=0, world_size=1, seed=3, **kw)
+    batches = [one.next_batch(128) for _ in range(4)]
+    for x, y in batches:
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row in x.numpy():  # every window is a real run of one shard's tokens
+            assert any(np.array_equal(row, s[i:i + 16]) for s in shards for i in np.flatnonzero(s == row[0]))
+    assert not torch.equal(batches[0][0], batches[1][0])
+    two = [DistributedTokenLoader(files, rank=r, world_size=2, seed=3, **kw) for r in range(2)]
+    assert torch.equal(torch.cat([t.next_batch(128)[0] for t in two]), batches[0][0])
+    resumed = DistributedTokenLoader(files, rank=0, world_size=1, seed=3, **kw)
+    state = DistributedTokenLoader(files, rank=0, world_size=1, seed=3, **kw)
+    for _ in range(2):
+        state.next_batch(128)
+    resumed.load_state_dict(state.state_dict())
+    assert torch.equal(resumed.next_batch(128)[0], batches[2][0])
+    other = DistributedTokenLoader(files, rank=0, world_size=1, seed=4, **kw)
+    assert not torch.equal(other.next_batch(128)[0], batches[0][0])
