@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from base.cli import ArgumentParser
 from base import run_cli
 from harness import dist as hdist
 from harness.config import load_config
@@ -132,12 +133,16 @@ def run_ranks(args) -> None:
         hdist.shutdown(info)
 
 
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help="the model's preset (default tiny)")
+    ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
+    ap.add_argument("--repeat", type=int, default=20, help="steps timed per path (default 20)")
+    return ap
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=20)
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     keep_freed_memory()
     if "WORLD_SIZE" in os.environ:
         run_ranks(args)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from base.cli import ArgumentParser
 from harness.logs.format import RunLog, read_log
 from harness.speedrun_stats import time_to_loss
 
@@ -58,14 +59,18 @@ def vocab_of(log: RunLog) -> str:
     return f"{cfg.get('vocab_size')} ({'compact' if cfg.get('compact_vocab') else 'GPT-2'})"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--classic", default="", help="extra trainer flags for the classic run, one string")
     ap.add_argument("--tiny", action="append", default=None,
                     help="extra trainer flags for the tiny run, one string; repeat for variants run in turn")
     ap.add_argument("--out", default="", help="folder for the logs and the JSON summary (default: a new temp folder)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="time_to_loss_"))
     out.mkdir(parents=True, exist_ok=True)
     variants = args.tiny or [""]
