@@ -47,7 +47,7 @@ class Config:
     # how training windows are picked: sequential (consecutive windows through the shards, as
     # modded-nanogpt) | random (each at a uniformly random offset, nanoGPT's get_batch; seeded by
     # seed and the batch number, so a resumed run draws the same windows)
-    sampling: str = "sequential"
+    sampling: str = "random"
     # renumber the ids that occur in the train+val shards to 0..V-1 and set vocab_size to V
     # padded to 128: the same text and task with a smaller head (data.shards; on the local
     # corpus 22,784 rows instead of 50,304). Off in the classic and speedrun presets.
@@ -203,7 +203,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="classic",
         optimizer="adamw",
         compact_vocab=False,  # GPT-2's vocabulary, as nanoGPT
-        sampling="random",  # nanoGPT's get_batch
         batch_sizes=[2048, 2048, 2048, 2048],
         num_scheduled_iterations=200,
         num_extension_iterations=0,
@@ -224,6 +223,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         val_tokens=10485760,
         model="speedrun",  # the fork's GPT: 11 layers, 6 heads of 128, bigram vocab 251520
         compact_vocab=False,  # the fork's 50304 ids
+        sampling="sequential",  # the fork's loader: consecutive windows
         value_embeds=True,
         num_layers=11,
         model_dim=768,
