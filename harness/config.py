@@ -31,7 +31,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
 @dataclass
 class Config:
     # --- identity -------------------------------------------------------------------------
-    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | speedrun (the fork's 8xH100 run)
+    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | micro (the tests') | speedrun (the fork's 8xH100 run)
     run_id: str = ""  # the run's name (log and checkpoint file names); empty: from tag/script and the time
     tag: str = ""  # a human label; readers group by it (never by parsing the run id)
     seed: int = 0  # seed of the model init and the data order
@@ -181,6 +181,19 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # A CPU run of a few minutes on the local corpus (Python stdlib sources).
     "tiny": {},
+    # The tests' model: a step in milliseconds on CPU, GPT-2's vocabulary kept (the shards hold its ids).
+    "micro": dict(
+        num_layers=2,
+        model_dim=32,
+        num_heads=2,
+        seq_len=16,
+        batch_sizes=[32, 32, 32, 32],
+        device_batch_tokens=32,
+        val_tokens=64,
+        num_scheduled_iterations=30,
+        num_extension_iterations=0,
+        val_loss_every=10,
+    ),
     # The 8xH100 FineWeb10B run of the ORD experiment (docs/REFERENCE.md).
     "speedrun": dict(
         train_files="data/fineweb10B/fineweb_train_*.bin",

@@ -8,6 +8,9 @@ t = min(1, (s - c) / (S - c)) and lr = m * (1 - t) + final * t; the extension ru
 (also without a cooldown: the fork's get_lr, where the extension's own multiplier is never used).
 Muon's momentum warms up linearly over its first steps and cools down over the last ones, as the
 fork's get_muon_momentum (warm-up first where the two overlap).
+
+`Schedule.steps()` lays all of this out as one frozen StepRecord per training step, which the
+training loop walks (harness/trainer.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import Config
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Training step `step` as the schedule sets it."""
+    step: int
+    stage: int  # 0, 1, 2: the scheduled thirds; 3: the extension
+    batch_tokens: int  # global batch, tokens
+    lr_mul: float
+    muon_momentum: float
+    validate_before: bool  # a validation comes before this step
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,12 @@ class Schedule:
     @property
     def total(self) -> int:
         return self.scheduled + self.extension
+
+    def steps(self) -> tuple[StepRecord, ...]:
+        """One record per training step, 0 .. total - 1."""
+        return tuple(StepRecord(step=s, stage=self.stage(s), batch_tokens=self.batch_size(s), lr_mul=self.lr_mul(s),
+                                muon_momentum=self.muon_momentum(s), validate_before=self.validate_at(s))
+                     for s in range(self.total))
 
     def stage(self, step: int) -> int:
         """0, 1, 2 for the scheduled thirds; 3 for the extension."""

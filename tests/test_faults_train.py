@@ -22,6 +22,8 @@ from fault_mounts import fill, read_only_dir, small_tmpfs
 from harness.logs.format import read_log
 from train_utils import error_lines
 
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
+
 DATA = ROOT / "data" / "local"
 
 

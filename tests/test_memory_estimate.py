@@ -11,7 +11,7 @@ from harness.memory_estimate import (H100_BYTES, build_meta, estimate, optimizer
                                      total_bytes)
 from harness.speedrun_train import SpeedrunTrainer
 from harness.trainer import resolve_vocab
-from test_speedrun_train import REDUCED
+from train_utils import REDUCED
 
 
 def test_parameter_and_optimizer_bytes_match_a_real_trainer(shards_dir):

@@ -9,6 +9,7 @@ from harness import dist as hdist
 from harness.config import load_config
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
+from optim_reference import SMALL
 from train_utils import log_of, run_train
 
 STEPS = ["--num_scheduled_iterations", "20", "--val_loss_every", "10"]
@@ -39,8 +40,7 @@ def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
 
 
 def test_zero_multiplier_update_is_bitwise_the_standard_one():
-    flags = ["--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--seq_len", "32", "--vocab_size", "128",
-             "--batch_sizes", "64,64,64,64", "--device_batch_tokens", "64"]
+    flags = SMALL
     torch.manual_seed(0)
     base = GPT(ModelShape.from_config(load_config(flags, env={})))
     models, opts = [], []

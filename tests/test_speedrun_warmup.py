@@ -10,18 +10,17 @@ import torch
 from base import UserError
 from harness import dist as hdist
 from harness.config import load_config, validate
+from harness.plan import resolve_plan
 from harness.speedrun_schedule import ForwardSchedule
 from harness.speedrun_train import SpeedrunTrainer, warmup_steps
-from harness.trainer import resolve_vocab
-from test_speedrun_train import REDUCED
+from train_utils import REDUCED
 
 
 def _trainer(shards_dir, *extra):
     cfg = load_config([*REDUCED, "--train_files", str(shards_dir / "local_train_*.bin"),
                        "--val_files", str(shards_dir / "local_val_*.bin"), *extra], env={})
     info = hdist.init()
-    validate(cfg, world_size=info.world_size)
-    t = SpeedrunTrainer(cfg, info, resolve_vocab(cfg))
+    t = SpeedrunTrainer(resolve_plan(cfg, info), info)
     t.setup()
     return t
 
@@ -79,7 +78,7 @@ def test_warmup_restores_everything_and_the_run_is_bit_identical(shards_dir, det
     cold = _trainer(shards_dir, "--warmup", "0")
     _same(_state(cold), before)
     for step in range(4):
-        lw, lc = warm.train_step(step, False), cold.train_step(step, False)
+        lw, lc = warm.train_step(warm.plan.steps[step], False), cold.train_step(cold.plan.steps[step], False)
         assert lw == lc, step  # exactly
     assert warm.validate() == cold.validate()
     _same(_state(warm), _state(cold))

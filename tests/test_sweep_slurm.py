@@ -17,6 +17,8 @@ from harness.logs.format import log_path, read_log
 from harness.sweep.manifest import RunRecord
 from harness.sweep.slurm import SlurmOptions, sbatch_script
 
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
 TINY = ["num_layers=1", "model_dim=32", "num_heads=2", "seq_len=32", "batch_sizes=64,64,64,64",

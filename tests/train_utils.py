@@ -19,6 +19,16 @@ SMALL = [
     "--num_scheduled_iterations", "6", "--num_extension_iterations", "0", "--val_loss_every", "3",
 ]
 
+# The speedrun preset at a reduced size: the fork's 11 layers at width 64, compact vocabulary,
+# 128-token documents, windows in blocks of 16, 2 micro-batches per step.
+REDUCED = [
+    "--preset", "speedrun", "--compact_vocab", "1", "--model_dim", "64", "--num_heads", "4",
+    "--bigram_vocab_size", "4099", "--seq_len", "128", "--batch_sizes", "256,512,512,512",
+    "--micro_batches", "2", "--val_tokens", "1024", "--val_batch_size", "512", "--window_block", "16",
+    "--num_scheduled_iterations", "3", "--num_extension_iterations", "1", "--val_loss_every", "0",
+    "--compile", "off",
+]
+
 
 def make_small_shards(out_dir: Path) -> Path:
     """Train/val shards from a few hundred standard-library files (a few seconds)."""
