@@ -14,7 +14,7 @@ from checkpoint_runs import TOTAL, kill_job, log_has_line, run, start, wait_for
 from harness.checkpoint import list_checkpoints, load
 from harness.logs.format import read_log
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("local_corpus")]  # the default data/local
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("local_corpus"), pytest.mark.multiprocess]  # the default data/local
 
 
 def _losses(log):

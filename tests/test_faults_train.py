@@ -319,6 +319,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.multiprocess
 def test_frozen_rank_ends_the_run_naming_it(tmp_path):
     logs = tmp_path / "logs"
     proc = start(tmp_path, "r", "--num_scheduled_iterations", "3000", "--val_loss_every", "0",

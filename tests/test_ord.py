@@ -3,6 +3,7 @@ variants differ; the diagnostics are logged."""
 
 import copy
 
+import pytest
 import torch
 
 from harness import dist as hdist
@@ -21,6 +22,7 @@ def logged_losses(log):
     return [(r.step, r.values.get("train_loss"), r.values.get("val_loss")) for r in log.train_steps + log.val_steps]
 
 
+@pytest.mark.multiprocess
 def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
     std = run_train(tmp_path / "std", shards_dir, *STEPS, nproc=2)
     ord0 = run_train(tmp_path / "ord", shards_dir, *STEPS, "--spectral_lr_mul", "0", nproc=2,

@@ -90,6 +90,7 @@ def test_warmup_is_off_in_tiny_and_refused_with_the_gpt_model():
         validate(load_config(["--warmup", "1"], env={}))
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_with_and_without_warmup_log_the_same_run(tmp_path, shards_dir):
     """Through torchrun at 2 gloo ranks (the optimizer's state is gathered and re-sharded around
     the warm-up): the same logged losses, and the warm-up line in the log. A checkpoint written

@@ -113,6 +113,7 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
 # Real sweeps
 
 
+@pytest.mark.multiprocess
 def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     logs = tmp_path / "logs"
     r = subprocess.run([*LAUNCHER, "--grid", "adam_lr=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
@@ -150,6 +151,7 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     assert len(list(logs.glob("*.txt"))) == n_logs
 
 
+@pytest.mark.multiprocess
 def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     logs = tmp_path / "logs"
     sweep = tmp_path / "ord.toml"
@@ -196,6 +198,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert read_log(log_path(logs, again["run_id"])).finished
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
     """Ctrl-C: the launcher passes SIGINT to the runs, which the trainer treats like SIGTERM
     (checkpoint, status:preempted, exit 0), so --resume can continue them (issue 19)."""
@@ -258,6 +261,7 @@ def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_pa
 
 
 @pytest.mark.cuda
+@pytest.mark.multiprocess
 def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
     import torch
 
@@ -277,6 +281,7 @@ def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
         assert read_log(log_path(logs, x["run_id"])).env["device"] != "cpu"
 
 
+@pytest.mark.multiprocess
 def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     """SIGTERM to the launcher (what Slurm sends it) reaches the run: the trainer checkpoints and
     writes status:preempted; --resume continues that run id with --resume latest, same log."""
