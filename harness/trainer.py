@@ -2,9 +2,9 @@
 
 One run: set up the process group, resolve the config into a frozen plan (harness/plan.py:
 validated config, vocabulary, data fingerprint, resume checkpoint, one StepRecord per step), open
-the run log (rank 0), then walk the plan's steps: validation where due, then the training step. The global batch is fixed
-in tokens whatever the world size: each rank gets its share and accumulates gradients over
-micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
+the run log (rank 0), then walk the plan's steps: validation where due, then the training step.
+The global batch is fixed in tokens whatever the world size: each rank gets its share and
+accumulates gradients over micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
 
 Checkpoints (harness/checkpoint.py): `--save_every N`, `--save_final`, `--resume PATH|latest`
 (same run id, same log, a `resumed from step N` line). SIGTERM (Slurm, or torchrun forwarding
@@ -280,11 +280,11 @@ class Trainer:
         """The plan's steps from where the state stands (0, or the resumed step): at each step
         boundary a stop check, validation and checkpoint when due, then the step's training."""
         state = self.state
-        for record in self.plan.steps[state.step:]:
-            code = self._at_boundary(record.step)
+        for step in range(state.step, self.plan.total):
+            code = self._at_boundary(step)
             if code is not None:
                 return code
-            code = self._train(record)
+            code = self._train(self.plan.steps[step])
             if code is not None:
                 return code
         code = self._at_boundary(self.plan.total)
