@@ -24,7 +24,6 @@ from sweep_utils import LAUNCHER, held_env, manifest_doc, processes_mentioning, 
 
 pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------
