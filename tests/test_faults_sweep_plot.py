@@ -63,6 +63,7 @@ def test_missing_shards_stop_the_sweep_before_any_run(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_ctrl_c_then_resume_continues_the_same_run_from_its_checkpoint(tmp_path):
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",

@@ -62,6 +62,7 @@ def deterministic():
     torch.use_deterministic_algorithms(was)
 
 
+@pytest.mark.slow
 def test_warmup_restores_everything_and_the_run_is_bit_identical(shards_dir, deterministic):
     warm = _trainer(shards_dir)
     assert warm.cfg.warmup  # on in the speedrun preset
@@ -91,6 +92,7 @@ def test_warmup_is_off_in_tiny_and_refused_with_the_gpt_model():
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_ranks_with_and_without_warmup_log_the_same_run(tmp_path, shards_dir):
     """Through torchrun at 2 gloo ranks (the optimizer's state is gathered and re-sharded around
     the warm-up): the same logged losses, and the warm-up line in the log. A checkpoint written

@@ -151,6 +151,7 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     logs = tmp_path / "logs"
     sweep = tmp_path / "ord.toml"

@@ -135,6 +135,7 @@ def test_out_of_vocabulary_tokens_are_an_error(tmp_path, shards_dir):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_ranks_and_accumulation(tmp_path, shards_dir):
     """2 gloo ranks, 2 micro-batches each: the same losses as 1 rank with 4 micro-batches."""
     one = run_train(tmp_path / "a", shards_dir)
@@ -198,6 +199,7 @@ def test_compact_vocab_trains_on_renumbered_ids(tmp_path, shards_dir):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_gradient_clipping_is_the_same_at_one_and_two_ranks(tmp_path, shards_dir):
     """--grad_clip clips the averaged gradient by its global norm: 2 ranks match 1 rank, and
     the clip is active (the losses differ from an unclipped run). The gradient norm here grows
