@@ -21,7 +21,8 @@ from pathlib import Path
 from base import UserError, run_cli
 from base.cli import ArgumentParser
 from harness import dist as hdist
-from harness.config import load_config, validate
+from harness.config import load_config
+from harness.plan import resolve_plan
 from harness.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,7 @@ def make_trainer(every: int, sample: int, log_dir: str) -> Trainer:
     cfg = load_config(["--preset", "tiny", "--diag_every", str(every), "--diag_sample", str(sample),
                        "--run_id", "bench", "--log_dir", log_dir], env={})
     info = hdist.init()
-    validate(cfg, world_size=info.world_size)
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(resolve_plan(cfg, info), info)
     trainer.setup()
     return trainer
 
@@ -45,7 +45,7 @@ def timed_round(every: int, sample: int, steps: int, log_dir: str) -> tuple[list
     for step in range(steps + 1):
         for trainer, times in ((off, t_off), (on, t_on)):
             t0 = time.perf_counter()
-            trainer.train_step(step, collect_stats=False)
+            trainer.train_step(trainer.plan.steps[step], collect_stats=False)
             if step:
                 times.append(time.perf_counter() - t0)
             if trainer.diag is not None:

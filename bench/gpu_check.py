@@ -190,9 +190,9 @@ GPU_SPEEDRUN = ["--val_tokens", "524288", "--val_batch_size", "524288"]
 
 def part_a(cpu: bool, steps: int, workdir: Path) -> list[Row]:
     from harness import dist as hdist
-    from harness.config import load_config, validate
+    from harness.config import load_config
+    from harness.plan import resolve_plan
     from harness.speedrun_train import SpeedrunTrainer
-    from harness.trainer import resolve_vocab
 
     cuda = torch.cuda.is_available() and not cpu
     extra = GPU_SPEEDRUN if cuda else CPU_SPEEDRUN
@@ -205,8 +205,7 @@ def part_a(cpu: bool, steps: int, workdir: Path) -> list[Row]:
     info = hdist.init()
     if not cuda:
         info = hdist.DistInfo(0, 1, 0, torch.device("cpu"), None)
-    validate(cfg, world_size=1)
-    trainer = SpeedrunTrainer(cfg, info, resolve_vocab(cfg))
+    trainer = SpeedrunTrainer(resolve_plan(cfg, info), info)
     trainer.setup()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -220,14 +219,14 @@ def part_a(cpu: bool, steps: int, workdir: Path) -> list[Row]:
         first = start + 1  # an odd step: Adam steps too, so its shapes compile now
         _sync(trainer.device)
         t0 = time.perf_counter()
-        trainer.train_step(first, False)
+        trainer.train_step(trainer.plan.steps[first], False)
         _sync(trainer.device)
         compile_ms += (time.perf_counter() - t0) * 1000
         times = []
         for s in range(first + 1, first + 1 + steps):
             _sync(trainer.device)
             t0 = time.perf_counter()
-            loss = trainer.train_step(s, False)
+            loss = trainer.train_step(trainer.plan.steps[s], False)
             _sync(trainer.device)
             times.append((time.perf_counter() - t0) * 1000)
         ms = float(np.mean(times))

@@ -32,7 +32,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,@-]*$")
 @dataclass
 class Config:
     # --- identity -------------------------------------------------------------------------
-    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | classic (GPT-2 + AdamW, the CPU baseline) | speedrun (the fork's 8xH100 run)
+    preset: str = "tiny"  # named set of defaults: tiny (CPU minutes) | classic (GPT-2 + AdamW, the CPU baseline) | micro (the tests') | speedrun (the fork's 8xH100 run)
     run_id: str = ""  # the run's name (log and checkpoint file names); empty: from tag/script and the time
     tag: str = ""  # a human label; readers group by it (never by parsing the run id)
     seed: int = 0  # seed of the model init and the data order
@@ -215,6 +215,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         adam_overrides={"*.beta1": 0.9, "*.beta2": 0.95},
         grad_clip=1.0,
         val_loss_every=25,
+    ),
+    # The tests' model: a step in milliseconds on CPU, GPT-2's vocabulary and consecutive
+    # windows kept: the tests' numbers (ln 50304 at step 0, data order) are computed for them.
+    "micro": dict(
+        num_layers=2,
+        model_dim=32,
+        num_heads=2,
+        seq_len=16,
+        batch_sizes=[32, 32, 32, 32],
+        device_batch_tokens=32,
+        val_tokens=64,
+        num_scheduled_iterations=30,
+        num_extension_iterations=0,
+        val_loss_every=10,
+        compact_vocab=False,
+        sampling="sequential",
     ),
     # The 8xH100 FineWeb10B run of the ORD experiment (docs/REFERENCE.md).
     "speedrun": dict(

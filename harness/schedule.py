@@ -12,6 +12,9 @@ fork's get_muon_momentum (warm-up first where the two overlap).
 The classic recipe (nanoGPT's get_lr) adds two options: a linear LR warm-up over the first W
 steps, lr = m x (s + 1) / (W + 1), after which the cooldown starts at max(c, W); and a cosine
 cooldown, lr = final + (m - final) x (1 + cos(pi t)) / 2 with the same t.
+
+`Schedule.steps()` lays all of this out as one frozen StepRecord per training step, which the
+training loop walks (harness/trainer.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ import math
 from dataclasses import dataclass
 
 from harness.config import Config
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Training step `step` as the schedule sets it."""
+    step: int
+    stage: int  # 0, 1, 2: the scheduled thirds; 3: the extension
+    batch_tokens: int  # global batch, tokens
+    lr_mul: float
+    muon_momentum: float
+    validate_before: bool  # a validation comes before this step
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,12 @@ class Schedule:
     @property
     def total(self) -> int:
         return self.scheduled + self.extension
+
+    def steps(self) -> tuple[StepRecord, ...]:
+        """One record per training step, 0 .. total - 1."""
+        return tuple(StepRecord(step=s, stage=self.stage(s), batch_tokens=self.batch_size(s), lr_mul=self.lr_mul(s),
+                                muon_momentum=self.muon_momentum(s), validate_before=self.validate_at(s))
+                     for s in range(self.total))
 
     def stage(self, step: int) -> int:
         """0, 1, 2 for the scheduled thirds; 3 for the extension."""

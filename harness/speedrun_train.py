@@ -30,6 +30,7 @@ from harness import dist as hdist
 from harness.checkpoint import rng_state, set_rng_state
 from harness.config import Config
 from harness.optim import Optimizers
+from harness.schedule import StepRecord
 from harness.speedrun_model import SpeedrunFeatures, SpeedrunGPT
 from harness.speedrun_schedule import ForwardSchedule, ForwardState
 from harness.trainer import Trainer, _autocast, _sync, grad_unit, seed_everything
@@ -146,7 +147,7 @@ class SpeedrunTrainer(Trainer):
                 if b is not None:
                     self.forward(*self._inputs(b), args)
             self.model.train()
-            self.train_step(step, collect_stats=False)
+            self.train_step(self.plan.steps[step], collect_stats=False)
         _sync(self.device)
         self.warmup_s = time.perf_counter() - t0
         for p in self.model.parameters():
@@ -195,10 +196,10 @@ class SpeedrunTrainer(Trainer):
         loss = torch.stack([total / max(n, 1)]).float()
         return float(hdist.all_reduce_mean_(loss).item())
 
-    def train_step(self, step: int, collect_stats: bool) -> float:
-        cfg = self.cfg
+    def train_step(self, record: StepRecord, collect_stats: bool) -> float:
+        cfg, step = self.cfg, record.step
         args = self.forward_args(step)
-        sizes = (self.schedule.batch_size(step), cfg.seq_len, self.grad_accum)
+        sizes = (record.batch_tokens, cfg.seq_len, self.grad_accum)
         if self.loader.sizes != sizes:
             self.loader.set_sizes(*sizes)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -212,8 +213,8 @@ class SpeedrunTrainer(Trainer):
             loss_sum += loss.detach().double()
             tokens += x.numel()
         # the gradients are the fork's already; unit_scale converts for ord_units=mean
-        _, self.ord_stats = self.opt.step(step, self.schedule.lr_mul(step), self.schedule.muon_momentum(step),
-                                          unit_scale=grad_unit(self.schedule.batch_size(step)),
+        _, self.ord_stats = self.opt.step(step, record.lr_mul, record.muon_momentum,
+                                          unit_scale=grad_unit(record.batch_tokens),
                                           collect_stats=collect_stats, clip=cfg.grad_clip)
         self.opt.zero_grad()
         per_token = (loss_sum / tokens).float().reshape(1)

@@ -1,9 +1,10 @@
 """The training loop shared by train_gpt.py and train_gpt_muon_new.py.
 
-One run: resolve and validate the config, set up the process group, open the run log (rank 0),
-then alternate validation and training steps following the schedule. The global batch is fixed
-in tokens whatever the world size: each rank gets its share and accumulates gradients over
-micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
+One run: set up the process group, resolve the config into a frozen plan (harness/plan.py:
+validated config, vocabulary, data fingerprint, resume checkpoint, one StepRecord per step), open
+the run log (rank 0), then walk the plan's steps: validation where due, then the training step.
+The global batch is fixed in tokens whatever the world size: each rank gets its share and
+accumulates gradients over micro-batches of `device_batch_tokens`. Timing excludes validation (and, on CUDA, is synchronized).
 
 Checkpoints (harness/checkpoint.py): `--save_every N`, `--save_final`, `--resume PATH|latest`
 (same run id, same log, a `resumed from step N` line). SIGTERM (Slurm, or torchrun forwarding
@@ -18,7 +19,6 @@ import dataclasses
 import math
 import os
 import random
-import secrets
 import sys
 import time
 import traceback
@@ -31,10 +31,10 @@ import torch
 
 from base import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, dir_write_error
 from data.loader import DistributedTokenLoader, val_batches
-from data.shards import compact_vocab, find_shards, fingerprint, fingerprint_changes, read_header
+from data.shards import find_shards, read_header
 from harness import checkpoint as ckpt_io
 from harness import dist as hdist
-from harness.config import Config, config_env, load_config, validate
+from harness.config import Config, config_env, load_config
 from harness.diagnostics import SpectralDiagnostics
 from harness.malloc import keep_freed_memory
 from harness.build import build_model, build_optimizers
@@ -42,7 +42,8 @@ from harness.preemption import StopRequest, hold_for_test
 from harness.logs.lock import RunLock
 from harness.logs.format import RunLogWriter, log_path
 from harness.logs.provenance import environment, project_sources
-from harness.schedule import Schedule
+from harness.plan import RunPlan, resolve_plan
+from harness.schedule import StepRecord
 
 
 @dataclass
@@ -61,11 +62,6 @@ def grad_unit(batch_tokens: int) -> float:
     micro-batches) and averages over ranks, which is B/4 x the gradient of the mean loss at any
     world size (32768, 65536 and 98304 for the speedrun's three batch sizes)."""
     return batch_tokens / 4
-
-
-def default_run_id(cfg: Config) -> str:
-    base = cfg.tag or (Path(cfg.script).stem if cfg.script else "run")
-    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def seed_everything(seed: int) -> None:
@@ -87,21 +83,21 @@ def _autocast(cfg: Config, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: hdist.DistInfo, token_map: np.ndarray | None = None):
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan, info: hdist.DistInfo):
+        self.plan = plan
+        self.cfg = plan.cfg
         self.info = info
         self.device = info.device
-        # compact_vocab: GPT-2 id -> model id (resolve_vocab); None keeps the ids as they are
-        self.token_map = None if token_map is None else torch.from_numpy(token_map).to(self.device)
+        # compact_vocab: GPT-2 id -> model id (harness/plan.py); None keeps the ids as they are
+        self.token_map = None if plan.token_map is None else torch.from_numpy(plan.token_map).to(self.device)
         # the shards' ids are checked against this: any uint16 id is in a compact table's range
-        self.data_vocab = 2 ** 16 if token_map is not None else cfg.vocab_size
-        self.schedule = Schedule.from_config(cfg)
+        self.data_vocab = 2 ** 16 if plan.token_map is not None else plan.cfg.vocab_size
+        self.schedule = plan.schedule
         self.log: RunLogWriter | None = None
         self.state = RunState()
         self.resumed_step: int | None = None  # the step of the checkpoint this run resumed from
         self.stop = StopRequest()  # main() installs its SIGTERM/SIGINT handler
         self.ord_stats: dict[str, dict[str, float]] = {}  # the last step's, when collected
-        self.data: dict[str, list[dict]] | None = None  # the shards' fingerprint, saved in checkpoints
 
     # --- set-up ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -216,7 +212,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = ckpt_io.save(self.cfg, self.info, step=self.state.step, model=self.model, opt=self.opt,
-                            loader=self.loader, run_state=dataclasses.asdict(self.state), data=self.data)
+                            loader=self.loader, run_state=dataclasses.asdict(self.state), data=self.plan.data)
         if self.log:
             self.log.write(f"checkpoint: {path}")
         return path
@@ -226,7 +222,7 @@ class Trainer:
         if step == self.resumed_step:  # that checkpoint exists already
             return False
         periodic = cfg.save_every > 0 and step > 0 and step % cfg.save_every == 0
-        return periodic or (cfg.save_final and step == self.schedule.total)
+        return periodic or (cfg.save_final and step == self.plan.total)
 
     def _preempted(self, step: int) -> int:
         path = self.save_checkpoint() if step != self.resumed_step else None
@@ -253,9 +249,8 @@ class Trainer:
         loss = torch.stack([total / max(n, 1)]).float()
         return float(hdist.all_reduce_mean_(loss).item())
 
-    def train_step(self, step: int, collect_stats: bool) -> float:
-        cfg = self.cfg
-        batch_tokens = self.schedule.batch_size(step)
+    def train_step(self, record: StepRecord, collect_stats: bool) -> float:
+        cfg, step, batch_tokens = self.cfg, record.step, record.batch_tokens
         x, y = self._ids(*self.loader.next_batch(batch_tokens))
         micro = max(1, cfg.device_batch_tokens // cfg.seq_len)
         chunks = list(zip(x.split(micro), y.split(micro)))
@@ -270,12 +265,11 @@ class Trainer:
             # weight by the chunk's share so the accumulated gradient is this rank's mean (x unit)
             (loss * (xc.size(0) / n_seqs * unit)).backward()
             loss_sum += loss.detach() * (xc.size(0) / n_seqs)
-        lr_mul = self.schedule.lr_mul(step)
         diag = self.diag is not None and self.diag.due(step)
         if diag:
             self.diag.begin(step)
         # clipping (cfg.grad_clip) happens inside, on the averaged gradients
-        _, self.ord_stats = self.opt.step(step, lr_mul, self.schedule.muon_momentum(step), unit_scale=unit,
+        _, self.ord_stats = self.opt.step(step, record.lr_mul, record.muon_momentum, unit_scale=unit,
                                           collect_stats=collect_stats, clip=cfg.grad_clip)
         if diag:
             self.diag.end(step)  # reads the Adam gradients: before zero_grad
@@ -283,63 +277,89 @@ class Trainer:
         return float(hdist.all_reduce_mean_(loss_sum.reshape(1)).item())
 
     def run(self) -> int:
-        cfg, sched = self.cfg, self.schedule
-        total = sched.total
+        """The plan's steps from where the state stands (0, or the resumed step): at each step
+        boundary a stop check, validation and checkpoint when due, then the step's training."""
         state = self.state
-        while True:
-            step = state.step
-            # every rank stops at the same step: the SIGTERM flag is agreed on once per step
-            if self.stop.agreed(self.info):
-                return self._preempted(step)
-            if sched.validate_at(step) and state.val_step != step:
-                val_loss = self.validate()
-                state.val_step = step
-                self._log_step(step, val_loss=val_loss)
-                if not math.isfinite(val_loss):
-                    return self._diverged(step)
-                if self._stays_above_start(step, val_loss):
-                    return self._diverged(step, val_loss=val_loss)
-            if self._save_due(step):
-                self.save_checkpoint()
-            if step == total:
-                break
-            collect = cfg.ord and sched.validate_at(step)
-            _sync(self.device)
-            t0 = time.perf_counter()
-            train_loss = self.train_step(step, collect_stats=collect)
-            _sync(self.device)
-            state.train_time_ms += (time.perf_counter() - t0) * 1000
-            state.step = step + 1
-            self._log_step(state.step, train_loss=train_loss)
-            hold_for_test(state.step, self.stop)  # off unless HARNESS_TEST_HOLD is set
-            if collect:
-                self._log_ord_stats(step)
-            if self.diag is not None:
-                self._log_diag()
-            if not math.isfinite(train_loss):
-                return self._diverged(state.step)
+        for step in range(state.step, self.plan.total):
+            code = self._at_boundary(step)
+            if code is not None:
+                return code
+            code = self._train(self.plan.steps[step])
+            if code is not None:
+                return code
+        code = self._at_boundary(self.plan.total)
+        if code is not None:
+            return code
         if self.log:
-            self.log.status("finished", final_val_loss=state.last_val_loss, step=total,
+            self.log.status("finished", final_val_loss=state.last_val_loss, step=self.plan.total,
                             train_time=f"{state.train_time_ms:.0f}ms")
         return 0
 
-    def _log_step(self, step: int, val_loss: float | None = None, train_loss: float | None = None) -> None:
+    def _at_boundary(self, step: int) -> int | None:
+        """Before training step `step` (or after the last, step == total): the exit code when the
+        run stops here (preempted, diverged), else None."""
+        state = self.state
+        # every rank stops at the same step: the SIGTERM flag is agreed on once per step
+        if self.stop.agreed(self.info):
+            return self._preempted(step)
+        if self._validate_due(step) and state.val_step != step:
+            val_loss = self.validate()
+            state.val_step = step
+            self._log_step(step, self._record_at(step), val_loss=val_loss)
+            if not math.isfinite(val_loss):
+                return self._diverged(step)
+            if self._stays_above_start(step, val_loss):
+                return self._diverged(step, val_loss=val_loss)
+        if self._save_due(step):
+            self.save_checkpoint()
+        return None
+
+    def _validate_due(self, step: int) -> bool:
+        return step == self.plan.total or self.plan.steps[step].validate_before
+
+    def _record_at(self, step: int) -> StepRecord:
+        """The record a validation at `step` logs: the step's own, the last one after the end."""
+        return self.plan.steps[min(step, self.plan.total - 1)]
+
+    def _train(self, record: StepRecord) -> int | None:
+        """Training step record.step, timed and logged: the exit code when its loss is not finite."""
+        state = self.state
+        collect = self.cfg.ord and record.validate_before
+        _sync(self.device)
+        t0 = time.perf_counter()
+        train_loss = self.train_step(record, collect_stats=collect)
+        _sync(self.device)
+        state.train_time_ms += (time.perf_counter() - t0) * 1000
+        state.step = record.step + 1
+        self._log_step(state.step, record, train_loss=train_loss)
+        hold_for_test(state.step, self.stop)  # off unless HARNESS_TEST_HOLD is set
+        if collect:
+            self._log_ord_stats(record.step)
+        if self.diag is not None:
+            self._log_diag()
+        if not math.isfinite(train_loss):
+            return self._diverged(state.step)
+        return None
+
+    def _log_step(self, step: int, record: StepRecord, val_loss: float | None = None,
+                  train_loss: float | None = None) -> None:
+        """A step line: the batch size and LR multiplier are those of `record` (the step trained,
+        or the one about to be)."""
         if val_loss is not None:
             self.state.last_val_loss = val_loss
         if not self.log:
             return
         s = self.state
         avg = s.train_time_ms / max(s.step, 1) if s.step else 0.0
-        sched_step = max(step - 1, 0) if train_loss is not None else min(step, self.schedule.total - 1)
         self.log.step(
             step,
-            self.schedule.total,
+            self.plan.total,
             val_loss=val_loss,
             train_loss=train_loss,
             train_time_ms=s.train_time_ms,
             step_avg_ms=avg,
-            lr_mul=self.schedule.lr_mul(sched_step),
-            batch_size=self.schedule.batch_size(sched_step),
+            lr_mul=record.lr_mul,
+            batch_size=record.batch_tokens,
         )
 
     def _log_diag(self) -> None:
@@ -409,36 +429,17 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     locks: list[RunLock] = []
     stop = StopRequest().install()
     try:
-        validate(cfg, world_size=info.world_size)
-        if cfg.trackers:  # a missing tracker package stops every rank before any work
-            from harness.trackers import check_available
-
-            check_available(cfg.trackers)
-        token_map = resolve_vocab(cfg)
-        data = data_fingerprint(cfg)
-        resume = _load_resume(cfg, info, data) if cfg.resume else None
-        if not cfg.run_id:
-            cfg.run_id = hdist.broadcast_object(default_run_id(cfg))
-
-        def claim() -> None:
-            # the checks that only the main rank can make; every rank must agree on their outcome
-            locks.append(RunLock(cfg.log_dir, cfg.run_id).acquire())  # one run id, one writer
-            if resume is None:
-                _refuse_existing_log(log_path(cfg.log_dir, cfg.run_id))
-            if cfg.save_every > 0 or cfg.save_final:
-                _check_checkpoint_dir(cfg)  # not at the first save, after the training
-
-        hdist.on_main_agreed(info, claim)
-        if cfg.model == "speedrun":  # the fork's GPT, data path and forward schedule
+        plan = resolve_plan(cfg, info)  # everything the run depends on, fixed before any work
+        hdist.on_main_agreed(info, lambda: locks.append(_claim(plan)))
+        if plan.cfg.model == "speedrun":  # the fork's GPT, data path and forward schedule
             from harness.speedrun_train import SpeedrunTrainer as trainer_cls
         else:
             trainer_cls = Trainer
-        trainer = trainer_cls(cfg, info, token_map)
+        trainer = trainer_cls(plan, info)
         trainer.stop = stop
-        trainer.data = data
         trainer.setup()
-        if resume is not None:
-            trainer.restore(resume[1], resume[0])
+        if plan.resume is not None:
+            trainer.restore(plan.resume.checkpoint, plan.resume.path)
         trainer.open_log(project_sources(script))
         hdist.on_main_agreed(info, trainer.attach_trackers)  # a tracker that cannot start stops every rank
         code = trainer.run()
@@ -476,6 +477,22 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
     return code
 
 
+def _claim(plan: RunPlan) -> RunLock:
+    """The checks that only the main rank can make (every rank must agree on their outcome):
+    the run id's lock (one run id, one writer), no log to overwrite, a writable checkpoint dir."""
+    cfg = plan.cfg
+    lock = RunLock(cfg.log_dir, cfg.run_id).acquire()
+    try:
+        if plan.resume is None:
+            _refuse_existing_log(log_path(cfg.log_dir, cfg.run_id))
+        if cfg.save_every > 0 or cfg.save_final:
+            _check_checkpoint_dir(cfg)  # not at the first save, after the training
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _timeout_message(e: BaseException) -> str:
     ranks = hdist.unresponsive_ranks()
     limit = f"{hdist.timeout_s():g}s"
@@ -485,24 +502,6 @@ def _timeout_message(e: BaseException) -> str:
         who = "a rank did not answer"
     return (f"{who} within the process-group timeout of {limit} (dist_timeout_s; frozen, stopped or"
             f" overloaded?): {' '.join(str(e).split())[:160]}")
-
-
-def data_fingerprint(cfg: Config) -> dict[str, list[dict]]:
-    """The cheap fingerprint of the train and val shards (data.shards.fingerprint) that
-    checkpoints record, so a resume on changed data is refused instead of going on silently."""
-    return {"train": fingerprint(find_shards(cfg.train_files, "train")),
-            "val": fingerprint(find_shards(cfg.val_files, "val"))}
-
-
-def _check_data(ckpt: dict[str, Any], data: dict[str, list[dict]], path: Path) -> None:
-    saved = ckpt.get("data")
-    if not isinstance(saved, dict):
-        return  # a checkpoint from before fingerprints
-    changes = [c for split in ("train", "val") for c in fingerprint_changes(saved.get(split) or [], data[split], split)]
-    if changes:
-        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
-        raise UserError(f"{path}: the data changed since this checkpoint was written: {'; '.join(changes[:3])}{more};"
-                        " resuming would continue on other tokens (restore those shards, or start a new run)")
 
 
 def _check_checkpoint_dir(cfg: Config) -> None:
@@ -516,48 +515,6 @@ def _check_checkpoint_dir(cfg: Config) -> None:
             what = f"cannot write there ({e.strerror or e})"
         raise UserError(f"checkpoint_dir={cfg.checkpoint_dir!r}: {what}; checkpoints go to {directory}"
                         " (pass --checkpoint_dir DIR with a writable directory, or save no checkpoints)") from None
-
-
-def resolve_vocab(cfg: Config) -> np.ndarray | None:
-    """With compact_vocab: the id table of the train+val shards, and cfg.vocab_size set to the
-    ids they use, padded to a multiple of 128 (what the config line then records)."""
-    if not cfg.compact_vocab:
-        return None
-    table, used = compact_vocab(find_shards(cfg.train_files, "train") + find_shards(cfg.val_files, "val"))
-    cfg.vocab_size = max(128, math.ceil(used / 128) * 128)
-    return table
-
-
-def _load_resume(cfg: Config, info: hdist.DistInfo, data: dict[str, list[dict]]) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint `--resume` names, loaded on every rank and checked against this run's
-    config before anything is written. Rank 0 picks the file (\"latest\" looks at the directory)
-    and every rank loads that one; a run without --run_id takes the checkpoint's."""
-    loaded: dict[str, Any] = {}
-
-    def pick() -> str:
-        path, ckpt = ckpt_io.resolve(cfg)
-        _check_data(ckpt, data, path)  # first: with compact_vocab, changed data also changes vocab_size
-        ckpt_io.check_compatible(ckpt, cfg, path)
-        loaded[str(path)] = ckpt
-        return str(path)
-
-    name = hdist.on_main_agreed(info, pick)
-    error = None
-    if name not in loaded:
-        try:
-            loaded[name] = ckpt_io.load(name)
-            _check_data(loaded[name], data, Path(name))
-            ckpt_io.check_compatible(loaded[name], cfg, Path(name))
-        except UserError as e:
-            error = str(e)
-    hdist.all_agree_or_raise(info, error)
-    ckpt = loaded[name]
-    cfg.run_id = ckpt["run_id"]
-    if ckpt["world_size"] != info.world_size and info.is_main:
-        print(f"note: {name} was written at world size {ckpt['world_size']}, resuming at {info.world_size}:"
-              " the Muon state is re-sharded; losses match to float tolerance, not bit for bit",
-              file=sys.stderr, flush=True)
-    return Path(name), ckpt
 
 
 def _refuse_existing_log(path: Path) -> None:

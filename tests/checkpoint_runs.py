@@ -11,16 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from harness.config import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TOTAL = 30
-
-# the vocabulary stays GPT-2's (the shards hold its ids); everything else is as small as it goes
-TINY = [
-    "--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--seq_len", "16",
-    "--batch_sizes", "32,32,32,32", "--device_batch_tokens", "32", "--val_tokens", "64",
-    "--num_scheduled_iterations", str(TOTAL), "--num_extension_iterations", "0", "--val_loss_every", "10",
-]
+# the micro preset (harness/config.py): GPT-2's vocabulary, everything else as small as it goes
+TINY = ["--preset", "micro"]
+TOTAL = PRESETS["micro"]["num_scheduled_iterations"]  # 30 steps, validation every 10
 
 
 def command(tmp: Path, run_id: str, *extra: str, nproc: int = 1) -> list[str]:

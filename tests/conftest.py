@@ -1,3 +1,8 @@
+"""Shared fixtures. The shared helpers live in modules beside the tests, never in test_*.py files:
+train_utils (train-script runs: SMALL, REDUCED, run_train), checkpoint_runs (the micro preset's
+runs a test can kill), sweep_utils (the sweep launcher), runlog_fixtures (run logs to read),
+optim_reference, fork_reference / fork_model_reference (../shared, skipped without it)."""
+
 import os
 import sys
 from pathlib import Path
@@ -45,10 +50,11 @@ def shards_dir(tmp_path_factory) -> Path:
     return make_small_shards(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def local_corpus() -> Path:
-    """The default shards (data/local, what `make demo` trains on), which the tests that run the
-    trainer with its default paths need. Built once from the stdlib (seconds); a no-op when up to date."""
+    """The default shards (data/local, what `make demo` trains on), for the tests that run the
+    trainer with its default paths (they opt in: `pytestmark = pytest.mark.usefixtures("local_corpus")`).
+    Built once per session from the stdlib (seconds); a no-op when up to date."""
     from data.prepare_corpus import prepare_corpus
 
     return Path(prepare_corpus(out_dir=ROOT / "data" / "local", progress=False)["out_dir"])

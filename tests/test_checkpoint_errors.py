@@ -18,6 +18,8 @@ from harness.config import Config
 from harness.logs.format import read_log
 from harness.trainer import main
 
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
+
 
 class Evil:
     def __reduce__(self):

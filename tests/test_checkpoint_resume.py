@@ -14,7 +14,8 @@ from checkpoint_runs import TOTAL, kill_job, log_has_line, run, start, wait_for
 from harness.checkpoint import list_checkpoints, load
 from harness.logs.format import read_log
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("local_corpus"),  # runs on the default data/local
+              pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _losses(log):

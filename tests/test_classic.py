@@ -148,7 +148,7 @@ def test_classic_refuses_what_it_cannot_do(flags, needle):
 
 
 def test_classic_preset_trains_at_one_and_two_ranks_and_resumes(tmp_path, shards_dir):
-    args = ["--preset", "classic", "--lr_warmup_steps", "2", "--save_every", "3", "--keep_last", "3",
+    args = ["--preset", "classic", "--sampling", "random", "--lr_warmup_steps", "2", "--save_every", "3", "--keep_last", "3",
             "--checkpoint_dir", str(tmp_path / "ckpt")]
     one = run_train(tmp_path / "one", shards_dir, *args)
     assert one.returncode == 0, one.stderr

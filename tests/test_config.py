@@ -157,7 +157,7 @@ def test_every_field_has_help_and_default():
     assert "--muon_lr MUON_LR Muon's base learning rate (default 0.05; speedrun preset 0.023)" in text
     assert "--normuon_beta2 NORMUON_BETA2 NorMuon's second-moment decay (default 0.95)" in text
     assert "--batch_sizes BATCH_SIZES tokens per step over all ranks, per batch-size stage (4 stages) (default " \
-           "2048,4096,4096,4096; classic preset 2048,2048,2048,2048; speedrun preset 131072,262144,393216,393216)" in text
+           "2048,4096,4096,4096; classic preset 2048,2048,2048,2048; micro preset 32,32,32,32; speedrun preset 131072,262144,393216,393216)" in text
     assert "ORD (train_gpt_muon_new.py):" in text and "Orthogonal-Radial Decomposition" in text
     # the standard script refuses ORD flags, so it does not offer them
     std = _help("train_gpt.py")

@@ -240,6 +240,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_torchrun_gloo_two_ranks_match_one(tmp_path):
     paths, _ = _synthetic_shards(tmp_path, [700, 900])
     script = tmp_path / "worker.py"

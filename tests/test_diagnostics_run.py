@@ -5,8 +5,11 @@ other in the same two torchrun processes and process group (one launch: most of 
 is start-up)."""
 
 import numpy as np
+import pytest
 
 from train_utils import ROOT, SMALL, VENV_BIN, log_of, losses
+
+pytestmark = pytest.mark.multiprocess
 
 MATRICES = {f"blocks.{i}.{m}" for i in range(2) for m in
             ("attn.qkv.q", "attn.qkv.k", "attn.qkv.v", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")}

@@ -15,6 +15,8 @@ import pytest
 
 from train_utils import log_of, losses, run_train
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 STEPS = ["--num_scheduled_iterations", "20", "--val_loss_every", "10", "--adam_overrides", "scalars.lr_mul=0"]
 
 

@@ -14,7 +14,7 @@ from experiments import weight_update_dynamics
 from train_utils import ROOT
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "local_corpus")  # tests/conftest.py; the default data/local
 
 
 @pytest.fixture

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fault_mounts import read_only_dir
 from harness.logs.format import log_path, read_log
-from test_runlog_synthetic import write_run
-from test_sweep_local import LAUNCHER, _running_with_steps, _wait_for, manifest_doc, tiny_sets
+from runlog_fixtures import write_run
+from sweep_utils import LAUNCHER, manifest_doc, running_with_steps, tiny_sets, wait_for
+
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = [sys.executable, str(ROOT / "plot_loss.py")]
@@ -58,13 +62,15 @@ def test_missing_shards_stop_the_sweep_before_any_run(tmp_path):
     assert not list((tmp_path / "logs").glob("**/*.txt")) and not list((tmp_path / "logs").glob("sweeps/*.json"))
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_ctrl_c_then_resume_continues_the_same_run_from_its_checkpoint(tmp_path):
     logs = tmp_path / "logs"
     launcher = subprocess.Popen([*LAUNCHER, "--grid", "spectral_lr_mul=0.5", "--script", "train_gpt_muon_new.py",
                                  "--log_dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(40)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        (run,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the run's first step")
+        (run,) = wait_for(lambda: running_with_steps(logs, 1), 120, "the run's first step")
         launcher.send_signal(signal.SIGINT)  # Ctrl-C
         out, _ = launcher.communicate(timeout=120)
     finally:

@@ -22,6 +22,8 @@ from fault_mounts import fill, read_only_dir, small_tmpfs
 from harness.logs.format import read_log
 from train_utils import error_lines
 
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
+
 DATA = ROOT / "data" / "local"
 
 
@@ -317,6 +319,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.multiprocess
 def test_frozen_rank_ends_the_run_naming_it(tmp_path):
     logs = tmp_path / "logs"
     proc = start(tmp_path, "r", "--num_scheduled_iterations", "3000", "--val_loss_every", "0",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runlog_synthetic import FIXTURES as MODDED_LOGS  # modded-nanogpt's own logs, in the repo
+from runlog_fixtures import FIXTURES as MODDED_LOGS  # modded-nanogpt's own logs, in the repo
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ holds scripts, not a package: load the one under test by its path

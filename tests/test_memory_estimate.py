@@ -6,21 +6,21 @@ from __future__ import annotations
 import math
 
 from harness import dist as hdist
-from harness.config import load_config, validate
+from harness.config import load_config
 from harness.memory_estimate import (H100_BYTES, build_meta, estimate, optimizer_bytes, parameter_bytes_by_dtype,
                                      total_bytes)
 from harness.speedrun_train import SpeedrunTrainer
-from harness.trainer import resolve_vocab
-from test_speedrun_train import REDUCED
+from harness.plan import resolve_plan
+from train_utils import REDUCED
 
 
 def test_parameter_and_optimizer_bytes_match_a_real_trainer(shards_dir):
     cfg = load_config([*REDUCED, "--train_files", str(shards_dir / "local_train_*.bin"),
                        "--val_files", str(shards_dir / "local_val_*.bin"), "--warmup", "0"], env={})
     info = hdist.init()
-    validate(cfg, world_size=1)
-    t = SpeedrunTrainer(cfg, info, resolve_vocab(cfg))
+    t = SpeedrunTrainer(resolve_plan(cfg, info), info)
     t.setup()
+    cfg = t.cfg  # the plan's config, with the compact vocab_size resolved
     meta_model, meta_opt = build_meta(cfg, world_size=1)
     assert next(meta_model.parameters()).is_meta
     real_params = sum(p.nbytes for p in t.model.parameters())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
+from runlog_fixtures import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 import monitor_runs
 from harness.logs.format import RunLogWriter

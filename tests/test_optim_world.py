@@ -17,6 +17,8 @@ from optim_reference import FLAG_SETS, run_against_reference
 from optim_world_worker import run_tied_split
 from train_utils import ROOT, VENV_BIN
 
+pytestmark = pytest.mark.multiprocess
+
 WORLD1 = hdist.DistInfo(0, 1, 0, torch.device("cpu"), None)
 NAMES = ["default", "adam_every_2"]
 

@@ -3,12 +3,14 @@ variants differ; the diagnostics are logged."""
 
 import copy
 
+import pytest
 import torch
 
 from harness import dist as hdist
 from harness.config import load_config
 from harness.model import GPT, ModelShape
 from harness.optim import Optimizers
+from optim_reference import SMALL
 from train_utils import log_of, run_train
 
 STEPS = ["--num_scheduled_iterations", "20", "--val_loss_every", "10"]
@@ -20,6 +22,7 @@ def logged_losses(log):
     return [(r.step, r.values.get("train_loss"), r.values.get("val_loss")) for r in log.train_steps + log.val_steps]
 
 
+@pytest.mark.multiprocess
 def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
     std = run_train(tmp_path / "std", shards_dir, *STEPS, nproc=2)
     ord0 = run_train(tmp_path / "ord", shards_dir, *STEPS, "--spectral_lr_mul", "0", nproc=2,
@@ -39,8 +42,7 @@ def test_zero_multiplier_is_bit_identical_to_train_gpt(tmp_path, shards_dir):
 
 
 def test_zero_multiplier_update_is_bitwise_the_standard_one():
-    flags = ["--num_layers", "2", "--model_dim", "32", "--num_heads", "2", "--seq_len", "32", "--vocab_size", "128",
-             "--batch_sizes", "64,64,64,64", "--device_batch_tokens", "64"]
+    flags = SMALL
     torch.manual_seed(0)
     base = GPT(ModelShape.from_config(load_config(flags, env={})))
     models, opts = [], []

@@ -14,7 +14,7 @@ import pytest
 from matplotlib.image import imread
 from scipy import stats
 
-from test_runlog_synthetic import FIXTURES, FIXTURE_FINALS, val_curve, write_run
+from runlog_fixtures import FIXTURES, FIXTURE_FINALS, val_curve, write_run
 
 from base import UserError
 import plot_loss

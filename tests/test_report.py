@@ -14,6 +14,8 @@ import pytest
 
 from harness.logs.format import find_logs, read_log
 
+pytestmark = [pytest.mark.usefixtures("local_corpus"), pytest.mark.slow]  # runs with the default data/local (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = "gradient_rank,digits,rank_manipulation,gradient_snr"
 

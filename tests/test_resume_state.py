@@ -16,11 +16,10 @@ from harness import checkpoint as ck
 from harness import dist as hdist
 from harness.config import load_config
 from harness.logs.format import read_log
+from harness.plan import resolve_plan
 from harness.trainer import Trainer, main
 
-TINY = ["--num_layers", "1", "--model_dim", "32", "--num_heads", "2", "--seq_len", "16",
-        "--batch_sizes", "32,32,32,32", "--device_batch_tokens", "32", "--val_tokens", "64",
-        "--num_scheduled_iterations", "4", "--num_extension_iterations", "0", "--val_loss_every", "2"]
+TINY = ["--preset", "micro", "--num_scheduled_iterations", "4", "--val_loss_every", "2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -63,7 +62,7 @@ def test_restore_gives_back_the_whole_run_state_and_resume_matches_an_uninterrup
     # restore into a fresh trainer: every part of the state is the saved one
     cfg = load_config(argv(full, shards_dir), overrides={"script": "train_gpt.py"}, prog="train_gpt.py")
     info = hdist.DistInfo(0, 1, 0, torch.device("cpu"), None)
-    t = Trainer(cfg, info)
+    t = Trainer(resolve_plan(cfg, info), info)
     t.setup()
     fresh_loader = t.loader.state_dict()
     t.restore(saved, path2)

@@ -1,5 +1,7 @@
 """The speedrun schedule against a table computed independently here."""
 
+import dataclasses
+
 import pytest
 
 from harness.config import load_config
@@ -68,3 +70,19 @@ def test_validation_steps():
     assert steps[:3] == [0, 50, 100]
     assert steps[-11:] == [1500, 1510, 1520, 1530, 1540, 1550, 1560, 1570, 1580, 1590, 1600]
     assert 1450 in steps and 1475 not in steps and 1505 not in steps
+
+
+def test_step_records_are_the_speedrun_table():
+    # the training loop walks these records: one per step, the table's batch size and LR
+    # multiplier, the momentum schedule, and whether a validation comes first
+    cfg = load_config(["--preset", "speedrun"], env={})
+    records = Schedule.from_config(cfg).steps()
+    assert [r.step for r in records] == list(range(1600))
+    for r in records:
+        lr, bs = expected_speedrun(r.step)
+        assert r.lr_mul == pytest.approx(lr, abs=1e-12) and r.batch_tokens == bs, r
+    assert [r.stage for r in records[519:522]] == [0, 1, 1] and records[1560].stage == 3
+    assert records[0].muon_momentum == pytest.approx(0.85) and records[300].muon_momentum == pytest.approx(0.95)
+    assert [r.step for r in records if r.validate_before][:3] == [0, 50, 100]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        records[0].lr_mul = 2.0

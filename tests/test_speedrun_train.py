@@ -13,18 +13,7 @@ from base import UserError
 from harness.config import load_config
 from harness.speedrun_model import SpeedrunGPT
 from harness.speedrun_schedule import FORK_STAGES, ForwardSchedule, ForwardState
-from train_utils import error_lines, log_of, run_train
-
-# The documented reduced flag set (see harness/speedrun_train.py): the fork's 11 layers at width 64,
-# compact vocabulary, 128-token documents, windows in blocks of 16, 2 micro-batches per step.
-REDUCED = [
-    "--preset", "speedrun", "--compact_vocab", "1", "--model_dim", "64", "--num_heads", "4",
-    "--bigram_vocab_size", "4099", "--seq_len", "128", "--batch_sizes", "256,512,512,512",
-    "--micro_batches", "2", "--val_tokens", "1024", "--val_batch_size", "512", "--window_block", "16",
-    "--num_scheduled_iterations", "3", "--num_extension_iterations", "1", "--val_loss_every", "0",
-    "--compile", "off",
-]
-
+from train_utils import REDUCED, error_lines, log_of, run_train
 
 def test_speedrun_preset_is_the_forks_model():
     cfg = load_config(["--preset", "speedrun"], env={})

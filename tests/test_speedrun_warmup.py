@@ -10,18 +10,17 @@ import torch
 from base import UserError
 from harness import dist as hdist
 from harness.config import load_config, validate
+from harness.plan import resolve_plan
 from harness.speedrun_schedule import ForwardSchedule
 from harness.speedrun_train import SpeedrunTrainer, warmup_steps
-from harness.trainer import resolve_vocab
-from test_speedrun_train import REDUCED
+from train_utils import REDUCED
 
 
 def _trainer(shards_dir, *extra):
     cfg = load_config([*REDUCED, "--train_files", str(shards_dir / "local_train_*.bin"),
                        "--val_files", str(shards_dir / "local_val_*.bin"), *extra], env={})
     info = hdist.init()
-    validate(cfg, world_size=info.world_size)
-    t = SpeedrunTrainer(cfg, info, resolve_vocab(cfg))
+    t = SpeedrunTrainer(resolve_plan(cfg, info), info)
     t.setup()
     return t
 
@@ -63,6 +62,7 @@ def deterministic():
     torch.use_deterministic_algorithms(was)
 
 
+@pytest.mark.slow
 def test_warmup_restores_everything_and_the_run_is_bit_identical(shards_dir, deterministic):
     warm = _trainer(shards_dir)
     assert warm.cfg.warmup  # on in the speedrun preset
@@ -79,7 +79,7 @@ def test_warmup_restores_everything_and_the_run_is_bit_identical(shards_dir, det
     cold = _trainer(shards_dir, "--warmup", "0")
     _same(_state(cold), before)
     for step in range(4):
-        lw, lc = warm.train_step(step, False), cold.train_step(step, False)
+        lw, lc = warm.train_step(warm.plan.steps[step], False), cold.train_step(cold.plan.steps[step], False)
         assert lw == lc, step  # exactly
     assert warm.validate() == cold.validate()
     _same(_state(warm), _state(cold))
@@ -91,6 +91,8 @@ def test_warmup_is_off_in_tiny_and_refused_with_the_gpt_model():
         validate(load_config(["--warmup", "1"], env={}))
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_ranks_with_and_without_warmup_log_the_same_run(tmp_path, shards_dir):
     """Through torchrun at 2 gloo ranks (the optimizer's state is gathered and re-sharded around
     the warm-up): the same logged losses, and the warm-up line in the log. A checkpoint written

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,35 +20,10 @@ from harness.sweep.launch import baseline_loss, exit_status, summary_table
 from harness.sweep.local import pick_gpus, plan_starts
 from harness.sweep.manifest import Manifest, RunRecord, outcome
 from harness.logs.format import parse_text
+from sweep_utils import LAUNCHER, held_env, manifest_doc, processes_mentioning, running_with_steps, tiny_sets, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
-TINY = ["num_layers=1", "model_dim=32", "num_heads=2", "seq_len=32", "batch_sizes=64,64,64,64",
-        "device_batch_tokens=64", "val_tokens=64", "num_extension_iterations=0", "val_loss_every=0"]
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
 
-
-def tiny_sets(steps: int) -> list[str]:
-    out = []
-    for s in TINY + [f"num_scheduled_iterations={steps}"]:
-        out += ["--set", s]
-    return out
-
-
-def manifest_doc(log_dir: Path) -> dict:
-    (path,) = (log_dir / "sweeps").glob("*.json")
-    return json.loads(path.read_text())
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,6 +112,7 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
 # Real sweeps
 
 
+@pytest.mark.multiprocess
 def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     logs = tmp_path / "logs"
     r = subprocess.run([*LAUNCHER, "--grid", "adam_lr=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
@@ -175,37 +150,8 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     assert len(list(logs.glob("*.txt"))) == n_logs
 
 
-def _wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def held_env(tmp_path: Path, step: int) -> tuple[dict, Path]:
-    """The environment for a launcher whose runs wait after logging training step `step` until
-    the returned marker file exists or they get SIGTERM (harness.preemption.hold_for_test):
-    a signal sent while a run holds there lands mid-run by construction, however fast the run."""
-    marker = tmp_path / "release"
-    return {**os.environ, "HARNESS_TEST_HOLD": f"{step}:{marker}"}, marker
-
-
-def _running_with_steps(logs: Path, n: int, at_step: int = 1):
-    try:
-        doc = manifest_doc(logs)
-    except (ValueError, FileNotFoundError):
-        return None
-    out = []
-    for x in doc["runs"]:
-        p = log_path(logs, x["run_id"])
-        if x["status"] == "running" and p.exists() and (ts := read_log(p).train_steps) and ts[-1].step >= at_step:
-            out.append(x)
-    return out if len(out) >= n else None
-
-
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     logs = tmp_path / "logs"
     sweep = tmp_path / "ord.toml"
@@ -215,7 +161,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     launcher = subprocess.Popen([*LAUNCHER, str(sweep), "--torchrun", "always", "--log_dir", str(logs), *tiny_sets(6)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        (victim,) = _wait_for(lambda: _running_with_steps(logs, 1), 120, "the first run's first step")
+        (victim,) = wait_for(lambda: running_with_steps(logs, 1), 120, "the first run's first step")
         assert Path(victim["command"][0]).name == "torchrun"
         os.kill(victim["pid"], signal.SIGKILL)
         release.touch()  # the other run goes through
@@ -252,6 +198,7 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
     assert read_log(log_path(logs, again["run_id"])).finished
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
     """Ctrl-C: the launcher passes SIGINT to the runs, which the trainer treats like SIGTERM
     (checkpoint, status:preempted, exit 0), so --resume can continue them (issue 19)."""
@@ -261,7 +208,7 @@ def test_ctrl_c_stops_children_and_they_checkpoint(tmp_path):
                                  *tiny_sets(200)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        running = _wait_for(lambda: _running_with_steps(logs, 2), 120, "both runs training")
+        running = wait_for(lambda: running_with_steps(logs, 2), 120, "both runs training")
         launcher.send_signal(signal.SIGINT)
         out, _ = launcher.communicate(timeout=60)
     finally:
@@ -314,6 +261,7 @@ def test_plan_resume_continues_preempted_reruns_unfinished_keeps_finished(tmp_pa
 
 
 @pytest.mark.cuda
+@pytest.mark.multiprocess
 def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
     import torch
 
@@ -333,6 +281,7 @@ def test_gpu_packing_runs_one_gpu_runs_side_by_side(tmp_path):
         assert read_log(log_path(logs, x["run_id"])).env["device"] != "cpu"
 
 
+@pytest.mark.multiprocess
 def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
     """SIGTERM to the launcher (what Slurm sends it) reaches the run: the trainer checkpoints and
     writes status:preempted; --resume continues that run id with --resume latest, same log."""
@@ -342,7 +291,7 @@ def test_sigterm_preempts_and_resume_continues_the_same_run(tmp_path):
                                  "--log_dir", str(logs), "--set", f"checkpoint_dir={tmp_path / 'ckpt'}", *tiny_sets(8)],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        (run,) = _wait_for(lambda: _running_with_steps(logs, 1, at_step=2), 120, "the run's step 2")
+        (run,) = wait_for(lambda: running_with_steps(logs, 1, at_step=2), 120, "the run's step 2")
         launcher.send_signal(signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,12 +16,10 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 from harness.logs.format import log_path, read_log
 from harness.sweep.manifest import RunRecord
 from harness.sweep.slurm import SlurmOptions, array_script, sbatch_script
+from sweep_utils import LAUNCHER, ROOT, tiny_sets
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
-TINY = ["num_layers=1", "model_dim=32", "num_heads=2", "seq_len=32", "batch_sizes=64,64,64,64",
-        "device_batch_tokens=64", "val_tokens=64", "num_extension_iterations=0", "val_loss_every=0",
-        "num_scheduled_iterations=3"]
+pytestmark = pytest.mark.usefixtures("local_corpus")  # runs with the default data/local (tests/conftest.py)
+
 
 
 def _rec(nproc: int, preset: str = "speedrun") -> RunRecord:
@@ -72,7 +69,7 @@ def test_sbatch_script_one_cpu_node_and_multi_node_gpus(tmp_path):
 @pytest.mark.parametrize("no_wait", [False, True], ids=["wait", "no-wait-then-resume"])
 def test_two_tiny_runs_on_a_real_slurm_cluster(slurm_cluster, tmp_path, no_wait):  # noqa: F811
     logs = tmp_path / "logs"
-    sets = [a for s in TINY for a in ("--set", s)] + (["--no_wait"] if no_wait else [])
+    sets = tiny_sets(3) + (["--no_wait"] if no_wait else [])
     r = subprocess.run([*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00",
                         "--gpus_per_node", "0", "--poll", "0.5", "--grid", "spectral_lr_mul=0,1",
                         "--script", "train_gpt_muon_new.py", "--tag", "ord", "--log_dir", str(logs), *sets],
@@ -155,7 +152,7 @@ def test_array_and_requeue_scripts(tmp_path):
 
 
 def _sweep(slurm_cluster, tmp_path, *extra: str, steps: int = 3) -> list[str]:  # noqa: F811
-    sets = [a for s in TINY[:-1] + [f"num_scheduled_iterations={steps}"] for a in ("--set", s)]
+    sets = tiny_sets(steps)
     return [*LAUNCHER, "--slurm", "--partition", slurm_cluster.partition, "--time", "00:10:00", "--gpus_per_node", "0",
             "--poll", "0.5", "--log_dir", str(tmp_path / "logs"), *sets, *extra]
 

@@ -14,6 +14,8 @@ from harness.config import script_overrides, RUN_ID_PATTERN, load_config
 from harness.sweep.launch import create_sweep
 from harness.sweep.spec import SweepSpec, apply_flags, expand, load_sweep_file, run_id_for, value_text
 
+pytestmark = pytest.mark.usefixtures("local_corpus")  # the launcher checks the default data/local shards
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(ROOT / "launch_lr_sweep.py")]
 

@@ -82,6 +82,7 @@ def _bad_shard(path, magic=20240520, version=1, n=1000, truncate=0):
         ("existing_log", "already exists"),
     ],
 )
+@pytest.mark.multiprocess
 def test_bad_input_is_one_clear_line(tmp_path, shards_dir, case, needle):
     args, env, run_id = [], {}, "run"
     bad = tmp_path / "bad"
@@ -133,6 +134,8 @@ def test_out_of_vocabulary_tokens_are_an_error(tmp_path, shards_dir):
     assert "t_000000.bin" in line and "60000" in line and "vocab" in line
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_ranks_and_accumulation(tmp_path, shards_dir):
     """2 gloo ranks, 2 micro-batches each: the same losses as 1 rank with 4 micro-batches."""
     one = run_train(tmp_path / "a", shards_dir)
@@ -195,6 +198,8 @@ def test_compact_vocab_trains_on_renumbered_ids(tmp_path, shards_dir):
     assert last.val_loss < first.val_loss - 1.0
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_gradient_clipping_is_the_same_at_one_and_two_ranks(tmp_path, shards_dir):
     """--grad_clip clips the averaged gradient by its global norm: 2 ranks match 1 rank, and
     the clip is active (the losses differ from an unclipped run). The gradient norm here grows

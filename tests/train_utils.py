@@ -17,6 +17,20 @@ SMALL = [
     "--num_layers", "2", "--model_dim", "64", "--num_heads", "2", "--seq_len", "32",
     "--batch_sizes", "384,384,384,384", "--device_batch_tokens", "96", "--val_tokens", "768",
     "--num_scheduled_iterations", "6", "--num_extension_iterations", "0", "--val_loss_every", "3",
+    # GPT-2's ids and consecutive windows, as the micro preset: the numbers these tests check (ln
+    # 50304 at step 0, which windows a step reads) are computed for them. The CPU defaults (compact
+    # vocabulary, random windows) are run by test_classic, test_data_loader and test_train's own test.
+    "--compact_vocab", "0", "--sampling", "sequential",
+]
+
+# The speedrun preset at a reduced size: the fork's 11 layers at width 64, compact vocabulary,
+# 128-token documents, windows in blocks of 16, 2 micro-batches per step.
+REDUCED = [
+    "--preset", "speedrun", "--compact_vocab", "1", "--model_dim", "64", "--num_heads", "4",
+    "--bigram_vocab_size", "4099", "--seq_len", "128", "--batch_sizes", "256,512,512,512",
+    "--micro_batches", "2", "--val_tokens", "1024", "--val_batch_size", "512", "--window_block", "16",
+    "--num_scheduled_iterations", "3", "--num_extension_iterations", "1", "--val_loss_every", "0",
+    "--compile", "off",
 ]
 
 
