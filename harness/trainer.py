@@ -412,6 +412,7 @@ def _reason(e: BaseException) -> str:
 
 def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> int:
     """Entry point of the train scripts: returns the process exit code."""
+    t_start = time.perf_counter()
     script_name = Path(script).name
     try:
         cfg = load_config(argv, overrides={"script": script_name, **(overrides or {})}, prog=script_name)
@@ -469,6 +470,10 @@ def main(script: str, argv: Sequence[str] | None = None, overrides: Mapping[str,
         stop.uninstall()
         if trainer and trainer.log:
             if info.is_main:
+                if code == 0:  # the one line a user reads at the end (make demo)
+                    s = trainer.state
+                    print(f"done: val loss {s.last_val_loss:.4f} after {s.step} steps; {s.train_time_ms / 1000:.0f} s"
+                          f" of training, {time.perf_counter() - t_start:.0f} s in all", flush=True)
                 print(f"run log: {trainer.log.path}", flush=True)
             trainer.log.close()
         for lock in locks:

@@ -29,6 +29,10 @@ def test_small_run_writes_the_contracted_log(tmp_path, shards_dir):
     for r in log.train_steps:
         assert {"train_loss", "train_time", "step_avg", "lr_mul", "batch_size"} <= set(r.values)
     assert "run log:" in proc.stdout
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
+    train_s = log.train_steps[-1].train_time_ms / 1000
+    assert done == [f"done: val loss {log.final_val_loss:.4f} after 6 steps; {train_s:.0f} s of training,"
+                    f" {done[0].split(', ')[-1]}"] and done[0].endswith(" s in all")
 
 
 def test_divergence_exits_nonzero_with_status(tmp_path, shards_dir):
@@ -227,3 +231,22 @@ def test_config_from_the_environment_is_printed_and_logged(tmp_path, shards_dir)
     plain = run_train(tmp_path / "plain", shards_dir, "--num_scheduled_iterations", "1", "--val_loss_every", "0")
     assert plain.returncode == 0 and "config from the environment" not in plain.stderr
     assert read_log(tmp_path / "plain" / "logs" / "run.txt").env["config_env"] == "none"
+
+
+def test_cpu_defaults_compact_vocab_and_random_windows_resume_exactly(tmp_path, shards_dir):
+    """The tiny preset's data defaults: the compact vocabulary (step 0 at ln V of the padded
+    compact table, V recorded in the log) and random windows, which a resumed run draws again."""
+    defaults = ["--compact_vocab", "1", "--sampling", "random", "--save_every", "3", "--checkpoint_dir",
+                str(tmp_path / "ckpt")]
+    r = run_train(tmp_path / "a", shards_dir, *defaults)
+    assert r.returncode == 0, r.stderr
+    log = log_of(tmp_path / "a")
+    vocab = log.config["vocab_size"]
+    assert log.config["compact_vocab"] and log.config["sampling"] == "random" and vocab < 50304 and vocab % 128 == 0
+    assert log.val_steps[0].val_loss == pytest.approx(np.log(vocab), abs=1e-3)  # zero-initialised head
+    r = run_train(tmp_path / "b", shards_dir, *defaults[:-2], "--resume", str(tmp_path / "ckpt" / "run" / "step_3.pt"),
+                  "--checkpoint_dir", str(tmp_path / "ckpt_b"))
+    assert r.returncode == 0, r.stderr
+    again = log_of(tmp_path / "b")
+    assert [s.train_loss for s in again.train_steps if s.step > 3] == [s.train_loss for s in log.train_steps if s.step > 3]
+    assert again.final_val_loss == log.final_val_loss
