@@ -131,7 +131,7 @@ def run_body(rec: RunRecord, trainer_args: Sequence[str], opts: SlurmOptions, py
     return requeue_body(rec, trainer_args, opts, python, log_file, checkpoint_dir)
 
 
-CPU_PRESETS = ("tiny",)  # presets meant for CPU: their jobs request no GPU unless told to
+CPU_PRESETS = ("tiny", "classic", "micro")  # presets meant for CPU: their jobs request no GPU unless told to
 
 
 def default_gpus(rec: RunRecord) -> int:
