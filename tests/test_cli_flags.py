@@ -54,7 +54,7 @@ COMMANDS = {
         "weight_update_dynamics")},
     **{f"bench/{name}.py": (_module_parser(f"bench.{name}"), []) for name in (
         "checkpoint", "diag_overhead", "gpu_check", "loader", "monitor_refresh", "ns_kernels", "ns_study",
-        "optimizer", "ord_overhead", "tokenizer", "train_throughput", "time_to_loss", "adam_shard")},
+        "optimizer", "ord_overhead", "tokenizer", "train_throughput", "time_to_loss", "adam_shard", "head_loss")},
 }
 KEBAB = re.compile(r"(?<![\w#-])--[a-z0-9]+(?:-[a-z0-9]+)+")
 
