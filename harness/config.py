@@ -87,14 +87,14 @@ class Config:
     # tokens per step over all ranks, per batch-size stage (4 stages)
     batch_sizes: list[int] = field(default_factory=lambda: [2048, 4096, 4096, 4096])
     lr_muls: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # LR multiplier per batch-size stage
-    num_scheduled_iterations: int = 60  # steps of the LR schedule (with its cooldown)
+    num_scheduled_iterations: int = 48  # steps of the LR schedule (with its cooldown)
     num_extension_iterations: int = 6  # extra steps after it at the final LR multiplier
     cooldown_frac: float = 0.5  # fraction of the scheduled steps over which the LR cools down
     lr_decay_final: float = 0.1  # LR multiplier at the end of the cooldown
     lr_decay_shape: str = "linear"  # shape of the LR cooldown: linear (the fork) | cosine (nanoGPT)
     lr_warmup_steps: int = 0  # linear LR warm-up over the first N steps (nanoGPT's (s+1)/(N+1)); 0 = none
     device_batch_tokens: int = 2048  # tokens per forward pass on one rank; more means grad accumulation
-    val_loss_every: int = 20  # validate every N steps (0: only at the start and the end)
+    val_loss_every: int = 27  # validate every N steps (0: only at the start and the end)
     val_loss_last_steps: int = 0  # in the last N steps, validate every val_loss_every_last steps
     val_loss_every_last: int = 0  # validation interval in the last val_loss_last_steps steps
     grad_clip: float = 0.0  # clip the global norm of the averaged gradients to this; 0 = off
