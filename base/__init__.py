@@ -9,6 +9,7 @@ exit_codes.py  the exit codes of the trainer, the launcher and the commands
 files.py       atomic_write (temp file in the same directory, then os.replace) and
                dir_write_error (is a directory writable, checked before any real output) and
                check_out_dir (a command's --out: one error line if it cannot be written)
+processes.py   pid_alive (is a process of this host still there: stale locks and runs)
 """
 
 from base.errors import UserError, run_cli

@@ -15,21 +15,12 @@ import socket
 import sys
 from pathlib import Path
 
+from base.processes import pid_alive
 from base import UserError
 
 
 def lock_path(log_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(log_dir) / f"{run_id}.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _dir_error(log_dir: Path, e: OSError) -> UserError:
@@ -87,7 +78,7 @@ class RunLock:
             return False
         if host and host != socket.gethostname():
             return False  # another machine's process: cannot tell, never steal
-        if _alive(pid):
+        if pid_alive(pid):
             return False
         print(f"note: {self.path}: stale lock of pid {pid} (no such process); taking it over",
               file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from base.processes import pid_alive
 from base import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNS_FAILED, UserError
 from harness.config import RUN_ID_PATTERN
 from harness.logs.format import log_path
@@ -107,7 +108,7 @@ def plan_resume(manifest: Manifest, *, python: str = sys.executable, use_torchru
     diverged unless kept, interrupted, never started): a fresh run under a new run id, since an
     old log is never overwritten; the earlier try is kept in `attempts`. Slurm jobs still
     queued or running are waited for, not resubmitted."""
-    if manifest.launcher_pid and manifest.launcher_pid != os.getpid() and _alive(manifest.launcher_pid) \
+    if manifest.launcher_pid and manifest.launcher_pid != os.getpid() and pid_alive(manifest.launcher_pid) \
             and any(r.status == "running" and not r.job_id for r in manifest.runs):
         raise UserError(f"sweep {manifest.sweep_id} is still running (launcher pid {manifest.launcher_pid}); stop it first")
     for rec in manifest.runs:
@@ -173,16 +174,6 @@ def _has_checkpoint(plan, run_id: str, log_dir: str) -> bool:
     directory = _checkpoint_dir(plan, run_id, log_dir)
     return directory is not None and directory.is_dir() \
         and any(re.match(r"^step_\d+\.pt$", p.name) for p in directory.iterdir())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def refresh_from_logs(manifest: Manifest) -> None:
