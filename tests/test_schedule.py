@@ -41,7 +41,8 @@ def test_speedrun_table():
 def test_no_cooldown_extension_runs_at_the_final_multiplier():
     # the fork's get_lr: with cooldown_frac 0 the cooldown starts at S with zero length, so the
     # extension runs at lr_decay_final; the extension's own multiplier is never used
-    sched = Schedule.from_config(load_config(["--cooldown_frac", "0", "--lr_muls", "1,2,3,4"], env={}))
+    sched = Schedule.from_config(load_config(["--cooldown_frac", "0", "--lr_muls", "1,2,3,4", "--num_scheduled_iterations",
+                                              "60", "--num_extension_iterations", "6"], env={}))
     assert [sched.lr_mul(s) for s in (0, 20, 40, 59, 60, 65)] == [1, 2, 3, 3, 0.1, 0.1]
 
 

@@ -21,7 +21,7 @@ def test_speedrun_preset_is_the_forks_model():
     assert (cfg.bigram_vocab_size, cfg.micro_batches, cfg.val_batch_size, cfg.window_block) == (
         50304 * 5, 8, 4 * 64 * 1024 * 8, 128)
     assert load_config([], env={}).model == "gpt"  # tiny keeps the current model
-    with pytest.raises(UserError, match=r"config: model='llama' is invalid: gpt or speedrun"):
+    with pytest.raises(UserError, match=r"config: model='llama' is invalid: gpt, classic or speedrun"):
         load_config(["--model", "llama"], env={})
 
 
