@@ -4,7 +4,7 @@
     model, vocab, meta = load_model("exports/r1")        # or a checkpoint file directly
 
 `config.json` holds what rebuilding the model needs: the model kind (`gpt`, harness/model.py's
-GPT; the speedrun model is refused), its shape (harness.model.ModelShape), the context it was
+GPT; the speedrun and classic models are refused), its shape (harness.model.ModelShape), the context it was
 trained at, and the vocabulary: GPT-2's tokenizer (data/tokenizer.py), the model's vocab_size
 (padded) and, for a run with `compact_vocab`, `token_ids`: the GPT-2 id of every model id
 (model id i is GPT-2 id token_ids[i]). Checkpoints do not hold that table; the trainer
@@ -134,10 +134,14 @@ def _shape_of(cfg: dict[str, Any], where: str) -> ModelShape:
         raise UserError(f"{where}: the model shape is incomplete ({e})") from None
 
 
-def refuse_speedrun(cfg: dict[str, Any], where: str) -> None:
-    if cfg.get("model", "gpt") != "gpt":
-        raise UserError(f"{where}: a --model {cfg.get('model')} checkpoint (harness/speedrun_model.py); weight export"
-                        " and sampling support --model gpt (harness/model.py) only")
+MODEL_FILES = {"speedrun": "harness/speedrun_model.py", "classic": "harness/classic_model.py"}
+
+
+def refuse_other_models(cfg: dict[str, Any], where: str) -> None:
+    model = cfg.get("model", "gpt")
+    if model != "gpt":
+        raise UserError(f"{where}: a --model {model} checkpoint ({MODEL_FILES.get(model, 'another model')}); weight"
+                        " export and sampling support --model gpt (harness/model.py) only")
 
 
 def checkpoint_vocab(ckpt: dict[str, Any], where: str, train_files: str | None = None,
@@ -183,7 +187,7 @@ def from_checkpoint(path: str | os.PathLike, train_files: str | None = None, val
     path = Path(path)
     ckpt = ckpt_io.load(path)  # UserError for a missing, damaged or foreign file
     cfg = _config_of(ckpt)
-    refuse_speedrun(cfg, str(path))
+    refuse_other_models(cfg, str(path))
     shape = _shape_of(cfg, str(path))
     vocab = checkpoint_vocab(ckpt, str(path), train_files, val_files)
     state = {k: v.detach().to("cpu").contiguous() for k, v in ckpt["model"].items()}
@@ -257,7 +261,7 @@ def read_export(directory: str | os.PathLike) -> Exported:
         raise UserError(f"{cfg_path}: not a config.json of this harness's exports (no format={FORMAT!r})")
     if meta.get("version") != VERSION:
         raise UserError(f"{cfg_path}: export version {meta.get('version')!r}; this harness reads version {VERSION}")
-    refuse_speedrun(meta, str(cfg_path))
+    refuse_other_models(meta, str(cfg_path))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
