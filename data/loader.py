@@ -94,8 +94,12 @@ class DistributedTokenLoader:
             raise UserError("sampling=random picks windows at any offset: it cannot also align them to BOS")
         self.sampling, self.seed = sampling, int(seed)
         self._batches = 0  # batches handed out: random sampling's position
+        if sampling == "random":  # window starts each shard holds: random sampling's weights
+            self._room = np.array([max(0, len(open_shard(f)) - self.seq_len) for f in self.files], dtype=np.int64)
+            if self._room.sum() == 0:
+                raise UserError(f"{self.files[0]}: no shard holds one window of {self.seq_len + 1} tokens")
         self._shard_index, self._pos = 0, 0  # where the next batch handed out starts
-        self._open: dict[int, tuple] = {}  # at most the current and the next shard
+        self._open: dict[int, tuple] = {}  # sequential: at most the current and the next shard; random: every shard used
         self._checked: set[int] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="token-prefetch") if prefetch else None
@@ -120,7 +124,9 @@ class DistributedTokenLoader:
                 if self.align_bos:
                     bos = np.flatnonzero(tokens == self.bos_id)
                     succ = np.searchsorted(bos, bos + self.seq_len).tolist()
-                for j in list(self._open):
+                # sequential reading keeps the current and the next shard; random windows come
+                # from any shard, so their memmaps stay open rather than being reopened per window
+                for j in list(self._open) if self.sampling == "sequential" else []:
                     if j != self._shard_index:
                         del self._open[j]
                 self._open[i] = (tokens, bos, succ)
@@ -198,10 +204,6 @@ class DistributedTokenLoader:
         and a resumed run draws what the uninterrupted one would."""
         L, n = self.seq_len, tokens_per_batch // self.seq_len
         per_rank = n // self.world_size
-        if not hasattr(self, "_room"):
-            self._room = np.array([max(0, len(open_shard(f)) - L) for f in self.files], dtype=np.int64)
-            if self._room.sum() == 0:
-                raise UserError(f"{self.files[0]}: no shard holds one window of {L + 1} tokens")
         rng = np.random.default_rng([self.seed, batch])
         shards = rng.choice(len(self.files), size=n, p=self._room / self._room.sum())
         starts = rng.integers(0, self._room[shards])  # start in [0, len - L - 1]: the target fits
