@@ -40,9 +40,8 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap
 
 class _FusedSoftcapCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap: float, chunk: int):
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, cap: float, chunk: int, want: bool):
         n = h.size(0)
-        want = h.requires_grad or w.requires_grad
         loss = h.new_zeros((), dtype=torch.float32)
         dh = torch.empty_like(h) if want else None
         dw = torch.zeros_like(w, dtype=torch.float32) if want else None
@@ -59,7 +58,7 @@ class _FusedSoftcapCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         dh, dw = ctx.saved_tensors
-        return dh * grad, dw * grad, None, None, None
+        return dh * grad, dw * grad, None, None, None, None
 
 
 def softcapped_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
@@ -68,4 +67,7 @@ def softcapped_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: tor
     `targets`, in float32; h is (..., d), targets (...). Equal to the plain path in value and
     gradients, without its (tokens x vocab) tensors."""
     h2 = h.reshape(-1, h.size(-1)).float()
-    return _FusedSoftcapCE.apply(h2, weight.float(), targets.reshape(-1), float(cap), int(chunk))
+    # decided here: inside forward grad mode is off, and under no_grad (validation) the head's
+    # weight still says requires_grad; the gradients would double the cost of every validation
+    want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _FusedSoftcapCE.apply(h2, weight.float(), targets.reshape(-1), float(cap), int(chunk), want)

@@ -32,8 +32,32 @@ def test_value_and_gradients_equal_the_plain_path(cap, chunk):
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(h32.grad, gh.float(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(w32.grad, gw.float(), rtol=1e-4, atol=1e-7)
-    with torch.no_grad():  # validation: the same value, no gradient work
+    with torch.no_grad():  # validation: the same value
         assert softcapped_cross_entropy(h32, w32, y, cap, chunk=chunk).item() == pytest.approx(ours.item(), rel=1e-6)
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Validation runs under no_grad while the head's weight still requires grad: the chunks
+    must compute the loss only (the gradients would double every validation's cost)."""
+    import harness.fused_loss as FL
+
+    asked = []
+    real = FL._chunk_loss_and_grads
+
+    def spy(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(FL, "_chunk_loss_and_grads", spy)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(100, 16))
+    y = torch.randint(0, 100, (64,))
+    with torch.no_grad():
+        FL.softcapped_cross_entropy(h, w, y, 15.0, chunk=16)
+    assert asked == [False] * 4
+    asked.clear()
+    FL.softcapped_cross_entropy(h.detach(), w, y, 15.0, chunk=16).backward()  # training: the head's weight wants them
+    assert asked == [True] * 4 and w.grad is not None
 
 
 def test_cpu_model_loss_is_the_logits_path():
