@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
         raise UserError(f"--steps {args.steps} must be >= --every {args.every} (one diagnostics step at least)")
     os.chdir(ROOT)  # the tiny preset's data paths are relative to the repository
     off, on, diag_steps = [], [], []
+    logs = tempfile.TemporaryDirectory(prefix="diag_overhead_")  # the arms' run logs: not kept
     for r in range(args.rounds):
-        t_off, t_on = timed_round(args.every, args.sample, args.steps, "/tmp/diag_overhead_logs")
+        t_off, t_on = timed_round(args.every, args.sample, args.steps, logs.name)
         off += t_off
         on += t_on
         due = [t for s, t in enumerate(t_on, start=1) if s % args.every == 0]

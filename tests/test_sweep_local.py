@@ -17,7 +17,7 @@ import pytest
 from base import atomic_write
 from harness.logs.format import log_path, read_log
 from harness.sweep.launch import baseline_loss, exit_status, summary_table
-from harness.sweep.local import pick_gpus, plan_starts
+from harness.sweep.local import cpu_threads_per_run, pick_gpus, plan_starts
 from harness.sweep.manifest import Manifest, RunRecord, outcome
 from harness.logs.format import parse_text
 from sweep_utils import LAUNCHER, held_env, manifest_doc, processes_mentioning, running_with_steps, tiny_sets, wait_for
@@ -113,11 +113,20 @@ def test_summary_best_first_with_delta_against_baseline(tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_cpu_threads_per_run_shares_the_cores():
+    assert cpu_threads_per_run(1, 1, cpus=16) == 16
+    assert cpu_threads_per_run(2, 1, cpus=16) == 8
+    assert cpu_threads_per_run(3, 2, cpus=16) == 2  # 6 processes on 16 cores: 2 each, none oversubscribed
+    assert cpu_threads_per_run(4, 1, cpus=2) == 1  # never 0
+    assert cpu_threads_per_run(1, 1) >= 1
+
+
 def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
     logs = tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the launcher splits the cores
     r = subprocess.run([*LAUNCHER, "--grid", "adam_lr=0.008,1e37", "--seeds", "0,1", "--set", "logit_softcap=0",
                         "--tag", "head", "--parallel", "2", "--log_dir", str(logs), *tiny_sets(3)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 1, r.stdout + r.stderr  # some runs did not finish
     doc = manifest_doc(logs)
     runs = {(x["tag"], x["seed"]): x for x in doc["runs"]}
@@ -131,6 +140,7 @@ def test_parallel_2_grid_x_2_seeds_with_diverging_runs(tmp_path):
         # tag and every swept value are in the log's config line
         assert (log.config["tag"], log.config["seed"], log.config["adam_lr"]) == ("head_0.008", seed, 0.008)
         assert read_log(log_path(logs, bad["run_id"])).config["adam_lr"] == 1e37
+        assert log.env["threads"] == cpu_threads_per_run(2, 1)  # two side by side share the cores
         assert good["command"][0] == sys.executable and "--run_id" in good["command"]
     # two at a time: some run started before another ended
     spans = sorted((x["started"], x["ended"]) for x in doc["runs"])

@@ -69,6 +69,7 @@ def environment(info) -> dict[str, Any]:
         "device": device,
         "world_size": info.world_size,
         "backend": info.backend or "none",
+        "threads": torch.get_num_threads(),  # intra-op CPU threads per process (OMP_NUM_THREADS)
         "git_commit": commit,
         "git_dirty": "unknown" if status is None else ("1" if status else "0"),
     }

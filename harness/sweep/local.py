@@ -119,6 +119,14 @@ class _Live:
     t0: float
 
 
+def cpu_threads_per_run(parallel: int, nproc: int, cpus: int | None = None) -> int:
+    """Intra-op threads for each process of a CPU run when `parallel` runs of `nproc` processes
+    share the machine's `cpus` (default: the cores this process may use); at least 1."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, parallel * nproc))
+
+
 @dataclass
 class LocalExecutor:
     manifest: Manifest
@@ -192,6 +200,9 @@ class LocalExecutor:
         env = dict(os.environ if self.env is None else self.env)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        elif "OMP_NUM_THREADS" not in env:
+            # CPU runs side by side: each would take every core and they would thrash
+            env["OMP_NUM_THREADS"] = str(cpu_threads_per_run(self.parallel or 1, rec.nproc))
         env[MARK_VAR] = self._token(rec)
         out = open(rec.output, "ab")
         proc = subprocess.Popen(rec.command, cwd=self.repo_root, env=env, stdin=subprocess.DEVNULL,
