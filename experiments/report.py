@@ -38,6 +38,7 @@ from experiments.common import SMALL, first_last, fmt, markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = ROOT / "sweeps" / "report_ord.toml"
 SECTIONS = ("gradient_rank", "digits", "rank_manipulation", "gradient_snr", "ord_sweep")
+STUDY_ORDER = ("gradient_rank", "rank_manipulation", "gradient_snr", "digits")  # in-process studies, longest first
 BASE, PERP = "baseline_std", "polar_gperp"  # tags in sweeps/report_ord.toml: Polar(G), Polar(G_perp)
 FOUR_WAY = {  # group tag in the sweep -> what its update is (the fork's ORD: G_par in its units)
     BASE: "Polar(G)",
@@ -45,7 +46,10 @@ FOUR_WAY = {  # group tag in the sweep -> what its update is (the fork's ORD: G_
     "spectral_lr_0.5": "NorMuon(Polar(G - 0.5 G_par)) + 0.5 G_par",
     "spectral_lr_1": "NorMuon(Polar(G_perp)) + 1.0 G_par",
 }
-THREADS = 2  # fixed so that the numbers repeat: float sums depend on the thread split
+# Every study and every sweep run is one process with this many torch threads, whatever the
+# machine or --jobs: float sums depend on the thread split, so the numbers repeat everywhere.
+THREADS = 1
+JOBS = 2  # studies (and sweep runs) side by side by default: one per core of a 2-core machine
 
 
 @dataclass(frozen=True)
@@ -274,12 +278,13 @@ minibatches at fixed weights. Scale: one seed, a {sizes.small['num_layers']}-lay
 # --- the ORD sweep ---------------------------------------------------------------------------
 
 
-def run_sweep(out: Path, sizes: Sizes, data: Path) -> Path:
-    """launch_lr_sweep.py on sweeps/report_ord.toml; returns the log folder."""
+def run_sweep(out: Path, sizes: Sizes, data: Path, jobs: int = 1) -> Path:
+    """launch_lr_sweep.py on sweeps/report_ord.toml, `jobs` runs at a time; returns the log folder."""
     from harness.sweep import cli as sweep_cli
 
     log_dir = out / "runs"
     argv = [str(SWEEP_FILE), "--log_dir", str(log_dir), "--seeds", ",".join(map(str, sizes.sweep_seeds)),
+            "--parallel", str(jobs),
             "--set", f"train_files={data / 'local_train_*.bin'}", "--set", f"val_files={data / 'local_val_*.bin'}"]
     for s in sizes.sweep_sets:
         argv += ["--set", s]
@@ -294,10 +299,10 @@ def _block_of(layer: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def study_ord_sweep(out: Path, sizes: Sizes, data: Path) -> tuple[Section, Section]:
+def study_ord_sweep(out: Path, sizes: Sizes, data: Path, jobs: int = 1) -> tuple[Section, Section]:
     from harness import plots as PL
 
-    log_dir = run_sweep(out, sizes, data)
+    log_dir = run_sweep(out, sizes, data, jobs)
     runs = PL.load_runs([log_dir])
     by_tag: dict[str, list] = {}
     for r in runs:
@@ -566,11 +571,35 @@ def run_records(log_dir: Path) -> list[dict]:
     return recs
 
 
-def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, data: Path | None = None) -> Path:
+def _run_study(name: str, out: Path, sizes: Sizes, data: Path, jobs: int = 1) -> tuple[dict[str, Section], float]:
+    """One section, in this process (a worker of make_report's pool, or the main one); returns
+    its sections and the seconds it took."""
     import torch
 
     torch.set_num_threads(THREADS)
-    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the sweep's runs inherit it
+    t0 = time.perf_counter()
+    print(f"== {name}", flush=True)
+    if name == "gradient_rank":
+        got = {"gradient_rank": study_gradient_rank(out, sizes)}
+    elif name == "digits":
+        got = {"digits": study_digits(out, sizes)}
+    elif name == "rank_manipulation":
+        got = {"rank_manipulation": study_rank_manipulation(out, sizes)}
+    elif name == "gradient_snr":
+        got = {"gradient_snr": study_gradient_snr(out, sizes)}
+    else:
+        got = dict(zip(("ord_sweep", "weight_dynamics"), study_ord_sweep(out, sizes, data, jobs)))
+    seconds = time.perf_counter() - t0
+    print(f"== {name}: {seconds:.0f}s", flush=True)
+    return got, seconds
+
+
+def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, data: Path | None = None,
+                jobs: int = JOBS) -> Path:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # the workers and the sweep's runs inherit it
     sizes = QUICK if quick else FULL
     data = (data or ROOT / "data" / "local").resolve()
     out = out.resolve()
@@ -580,27 +609,36 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     ensure_corpus(data)
     t_all = time.perf_counter()
     sections: dict[str, Section] = {}
+    seconds: dict[str, float] = {}
     lm = {**sizes.lm, "data": str(data)}
     small = {**sizes.small, "data": str(data)}
     sizes = replace(sizes, lm=lm, small=small)
-    steps = {
-        "gradient_rank": lambda: {"gradient_rank": study_gradient_rank(out, sizes)},
-        "digits": lambda: {"digits": study_digits(out, sizes)},
-        "rank_manipulation": lambda: {"rank_manipulation": study_rank_manipulation(out, sizes)},
-        "gradient_snr": lambda: {"gradient_snr": study_gradient_snr(out, sizes)},
-        "ord_sweep": lambda: dict(zip(("ord_sweep", "weight_dynamics"), study_ord_sweep(out, sizes, data))),
-    }
-    for name in only:
-        t0 = time.perf_counter()
-        print(f"== {name}", flush=True)
-        sections.update(steps[name]())
-        print(f"== {name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    # The in-process studies first, `jobs` at a time in fresh processes (spawned: a forked torch
+    # can hang in OpenMP), longest first; then the ORD sweep, `jobs` runs at a time.
+    studies = [n for n in STUDY_ORDER if n in only]
+    if jobs > 1 and len(studies) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(studies)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {n: pool.submit(_run_study, n, out, sizes, data) for n in studies}
+            for n, f in futures.items():
+                got, seconds[n] = f.result()
+                sections.update(got)
+    else:
+        for n in studies:
+            got, seconds[n] = _run_study(n, out, sizes, data)
+            sections.update(got)
+    if "ord_sweep" in only:
+        got, seconds["ord_sweep"] = _run_study("ord_sweep", out, sizes, data, jobs)
+        sections.update(got)
     minutes = (time.perf_counter() - t_all) / 60
 
     commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     runs = run_records(out / "runs") if (out / "runs").is_dir() else []
     meta = {"commit": commit, "dirty": dirty, "quick": quick, "sections": list(only), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": THREADS, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": THREADS, "jobs": jobs,
+            "section_seconds": seconds, "machine": platform.machine(), "cpus": os.cpu_count(),
             "sizes": asdict(sizes), "sweep_file": SWEEP_FILE.relative_to(ROOT).as_posix(), "minutes": minutes}
     atomic_write(out / "runs.json", json.dumps(_json_safe({**meta, "runs": runs}), indent=1))
     atomic_write(out / "results.json", json.dumps(_json_safe({name: s.numbers for name, s in sections.items()}), indent=1, sort_keys=True))
@@ -613,7 +651,8 @@ def make_report(out: Path, quick: bool = False, only: Sequence[str] = SECTIONS, 
     text = f"""# Research report: why orthogonalized updates help, and does ORD?
 
 Generated by `python -m experiments.report{' --quick' if quick else ''}` at commit `{commit[:12]}`{' (dirty tree)' if dirty else ''}
-in {minutes:.0f} minutes on {os.cpu_count()} CPU cores (torch {torch.__version__}, {THREADS} threads).
+in {minutes:.0f} minutes on {os.cpu_count()} CPU cores (torch {torch.__version__}, {jobs} processes side by side,
+{THREADS} thread each; minutes per section: {', '.join(f"{k} {v / 60:.1f}" for k, v in seconds.items())}).
 {'**Quick mode: toy sizes that test the pipeline; the numbers answer nothing.**' if quick else ''}
 
 Everything here is CPU scale: GPTs of a few million parameters trained for a few hundred
@@ -635,7 +674,8 @@ parameters and billions of tokens. Seeds, commit and the resolved config of ever
 `python -m experiments.report` (or `make report`) writes a new `reports/<timestamp>/`. The
 sweep alone: `python launch_lr_sweep.py sweeps/report_ord.toml`; any study alone:
 `python -m experiments.<name> --out DIR` (see `--help`). Same machine, same numbers: every
-run is seeded, single-process per run, with {THREADS} threads.
+run is seeded, single-process per run, with {THREADS} thread; `--jobs N` runs N studies or sweep
+runs side by side (default {JOBS}) without changing a number.
 """
     atomic_write(out / "REPORT.md", text)
     return out / "REPORT.md"
@@ -647,6 +687,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--quick", action="store_true", help="toy sizes, 2 seeds: the whole pipeline in a few minutes")
     p.add_argument("--out", help="report folder (default reports/<timestamp>)")
     p.add_argument("--only", help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    p.add_argument("--jobs", type=int, default=JOBS,
+                   help=f"studies and sweep runs side by side, one thread each (default {JOBS}; the numbers do not depend on it)")
     p.add_argument("--data", help="folder of local_train_*/local_val_* shards (default data/local; built if missing)")
     return p
 
@@ -658,7 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not only:
         raise UserError(f"--only {args.only!r}: allowed sections: {', '.join(SECTIONS)}")
     out = Path(args.out) if args.out else ROOT / "reports" / time.strftime("%Y%m%d-%H%M%S")
-    path = make_report(out, quick=args.quick, only=only, data=Path(args.data) if args.data else None)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: allowed: an integer >= 1")
+    path = make_report(out, quick=args.quick, only=only, data=Path(args.data) if args.data else None, jobs=args.jobs)
     print(f"report: {path}", flush=True)
     return 0
 

@@ -206,9 +206,14 @@ def test_sweep_numbers_come_from_the_run_logs(quick_report):
     assert results["weight_dynamics"]["by_block"]
 
 
-def test_same_numbers_on_a_second_run(quick_report, tmp_path):
-    proc = _report(tmp_path / "again", "--only", STUDIES)
+def test_same_numbers_on_a_second_run_one_study_at_a_time(quick_report, tmp_path):
+    """The first report ran its studies two at a time in worker processes; this one runs them one
+    after another in one process: the numbers do not depend on --jobs."""
+    proc = _report(tmp_path / "again", "--only", STUDIES, "--jobs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = [json.loads((d / "runs.json").read_text()) for d in (quick_report, tmp_path / "again")]
+    assert [m["jobs"] for m in meta] == [2, 1] and meta[0]["threads"] == meta[1]["threads"] == 1
+    assert set(meta[0]["section_seconds"]) == {*STUDIES.split(","), "ord_sweep"}
     first = json.loads((quick_report / "results.json").read_text())
     second = json.loads((tmp_path / "again" / "results.json").read_text())
     assert set(second) == set(STUDIES.split(","))
@@ -219,6 +224,7 @@ def test_same_numbers_on_a_second_run(quick_report, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--only", "gradient_rank,bogus"], "--only 'gradient_rank,bogus': allowed sections:"),
     (["--only", ","], "allowed sections"),
+    (["--jobs", "0"], "--jobs 0: allowed: an integer >= 1"),
 ])
 def test_bad_sections_are_one_line(tmp_path, args, needle):
     proc = _report(tmp_path / "r", *args)
