@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log_dir", default="logs", metavar="DIR", help="run logs and logs/sweeps/ manifests (default logs)")
     x = p.add_argument_group("executing")
     x.add_argument("--dry_run", action="store_true", help="print every command (or sbatch script) and exit")
-    x.add_argument("--parallel", type=int, metavar="K", help="runs at once (CPU default 1; GPU default: as many as fit)")
+    x.add_argument("--parallel", type=int, metavar="K", help="runs at once (CPU default 1; GPU default: as many as fit); on CPU each run's processes get cores/(K*nproc) threads unless OMP_NUM_THREADS is set")
     x.add_argument("--gpus", metavar="IDS", help="GPUs to pack runs onto: comma-separated ids, or 'none' (default: detected)")
     x.add_argument("--torchrun", choices=("auto", "always"), default=None,
                    help="auto: plain python for 1-process runs; always: torchrun even then")
