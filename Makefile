@@ -1,7 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   prepare the local corpus shards and train the tiny preset on CPU with 2 ranks
 #   make test   run the test suite
-# (and: make report   the research report, reports/<timestamp>/REPORT.md, about an hour on 2 cores)
+# (and: make report   the research report, reports/<timestamp>/REPORT.md, 35 minutes on 2 cores)
 # Both create the virtual environment .venv from the requirements*.txt first (once), with the project
 # installed in it in editable mode (pip install -e .), so every script imports it from anywhere.
 

@@ -3,16 +3,16 @@
     python -m experiments.report [--quick] [--out DIR] [--only SECTION,...]     (or: make report)
 
 Runs the studies through the project's own entry points: experiments.gradient_rank,
-experiments.digits_comparison, experiments.rank_manipulation and experiments.gradient_snr
-in-process; the ORD sweep (sweeps/report_ord.toml: train_gpt.py and train_gpt_muon_new.py on
-the tiny preset, 3 seeds) through launch_lr_sweep.py; its tables and figures through
+experiments.digits_comparison, experiments.rank_manipulation and experiments.gradient_snr in
+worker processes (--jobs at a time), beside the ORD sweep (sweeps/report_ord.toml: train_gpt.py and train_gpt_muon_new.py on
+the tiny preset, 3 seeds) through launch_lr_sweep.py, --jobs runs at a time; its tables and figures through
 plot_loss.py's functions on the run logs (harness.logs.format), the weight/update dynamics from the
 standard runs' own `diag` lines. Writes reports/<timestamp>/REPORT.md with every section's
 figures and table.md beside it, results.json (every number the text quotes) and runs.json (the
-commit, and the resolved config and seed of every run). Default sizes take about 55 minutes on
-2 CPU cores; --quick (tiny sizes, 2 seeds: a smoke test of the whole pipeline) under 5.
-Everything is seeded and runs on CPU with a fixed thread count, so a second run gives the same
-numbers on the same machine.
+commit, and the resolved config and seed of every run). Default sizes took 34.6 minutes on 2
+CPU cores (docs/report, --jobs 2); --quick (tiny sizes, 2 seeds: a smoke test of the whole pipeline) under 5.
+Everything is seeded and every process runs one thread, so a second run gives the same numbers
+on the same machine, whatever --jobs.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ def _figures(d: Path, root: Path) -> str:
 
 
 def _json_safe(x: Any) -> Any:
+    if isinstance(x, str) and x.startswith(f"{ROOT}{os.sep}"):
+        return Path(x).relative_to(ROOT).as_posix()  # no machine path in a report that gets committed
     if isinstance(x, float):
         return x if math.isfinite(x) else str(x)
     if isinstance(x, dict):

@@ -204,6 +204,8 @@ def test_sweep_numbers_come_from_the_run_logs(quick_report):
     # rho was logged by the ORD runs only, and the standard runs' diagnostics fed section 5
     assert "baseline_std" not in results["ord_sweep"]["rho"] and "spectral_lr_1" in results["ord_sweep"]["rho"]
     assert results["weight_dynamics"]["by_block"]
+    for name in ("runs.json", "results.json"):  # the shards under the repository: relative, no machine path
+        assert str(ROOT) not in (quick_report / name).read_text(), name
 
 
 def test_same_numbers_on_a_second_run_one_study_at_a_time(quick_report, tmp_path):
