@@ -174,6 +174,10 @@ def test_sequential_kill9_of_one_torchrun_then_resume_reruns_only_it(tmp_path):
         (victim,) = wait_for(lambda: running_with_steps(logs, 1), 120, "the first run's first step")
         assert Path(victim["command"][0]).name == "torchrun"
         os.kill(victim["pid"], signal.SIGKILL)
+        # release the hold only once the launcher has recorded the kill (and stopped the orphaned
+        # worker): released earlier, the orphan could finish the run within one poll
+        wait_for(lambda: [x for x in manifest_doc(logs)["runs"]
+                          if x["run_id"] == victim["run_id"] and x["status"] != "running"], 60, "the kill recorded")
         release.touch()  # the other run goes through
         out, _ = launcher.communicate(timeout=300)
     finally:
