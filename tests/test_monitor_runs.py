@@ -236,15 +236,17 @@ def test_watch_ctrl_c_is_clean_on_a_terminal(tmp_path):
         assert b"running" in seen and b"live" in seen
         time.sleep(0.5)  # a few refreshes in
         proc.send_signal(signal.SIGINT)
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while proc.poll() is None and time.time() < deadline:  # drain the pty so the child never blocks
             if select.select([master], [], [], 0.2)[0]:
                 try:
                     seen += os.read(master, 65536)
-                except OSError:
-                    break
+                except OSError:  # EIO once the child's side is gone: keep polling its exit
+                    time.sleep(0.05)
+        # stderr only once it has exited: a child still writing to the undrained pty would block
+        # its exit and this read forever
+        assert proc.poll() is not None, f"monitor still running 60 s after SIGINT; its screen ended {seen[-300:]!r}"
         err = proc.stderr.read().decode()
-        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
